@@ -1,0 +1,202 @@
+"""Audit verification: recompute every operation's hash chain, independently of the database.
+
+The database writes each audit row and its sha256 (see the ``audit_hash`` SQL function). This
+module re-implements the canonical encoding in Python, so a verification does not trust the
+database's own function, and checks for every operation that:
+
+- ``seq`` runs 1, 2, 3... without a gap;
+- each row's ``prev_hash`` is the previous row's ``hash`` and its ``hash`` matches its fields;
+- the chain ends where the operation row says it does (``audit_seq``/``audit_hash``), so a
+  deleted last row is noticed too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from pgoutbox.db import create_pool
+from pgoutbox.settings import DatabaseSettings
+from pgoutbox.sql import queries
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PAGE = 5000
+
+
+def canonical_encoding(
+    operation_id: int,
+    seq: int,
+    operation_type: str,
+    from_state: str | None,
+    to_state: str,
+    trigger: str,
+    attempt: int,
+    actor: str,
+    detail: str | None,
+    recorded_at: datetime,
+) -> bytes:
+    """The bytes an audit row's hash covers (after its ``prev_hash``)."""
+
+    def field(value: str | None) -> str:
+        return "~|" if value is None else f"{len(value)}:{value}|"
+
+    micros = (recorded_at - _EPOCH) // timedelta(microseconds=1)
+    return "".join(
+        [
+            field(str(operation_id)),
+            field(str(seq)),
+            field(operation_type),
+            field(from_state),
+            field(to_state),
+            field(trigger),
+            field(str(attempt)),
+            field(actor),
+            field(detail),
+            f"{micros}|",
+        ]
+    ).encode()
+
+
+def row_hash(prev_hash: bytes | None, row: dict[str, Any]) -> bytes:
+    """The hash an audit row must carry, given its fields and its predecessor's hash."""
+    encoded = canonical_encoding(
+        row["operation_id"], row["seq"], row["operation_type"], row["from_state"],
+        row["to_state"], row["trigger"], row["attempt"], row["actor"], row["detail"],
+        row["recorded_at"],
+    )
+    return hashlib.sha256((prev_hash or b"") + encoded).digest()
+
+
+@dataclass(frozen=True)
+class AuditProblem:
+    """Where a chain breaks first."""
+
+    operation_id: int
+    seq: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"operation {self.operation_id} seq {self.seq}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class AuditVerification:
+    """The outcome of :func:`verify_chains`."""
+
+    operations: int
+    rows: int
+    problem: AuditProblem | None
+
+    @property
+    def ok(self) -> bool:
+        """True when every chain holds."""
+        return self.problem is None
+
+
+class _Chain:
+    """The state of one operation's chain while its rows stream past."""
+
+    def __init__(self, first: dict[str, Any]) -> None:
+        self.operation_id: int = first["operation_id"]
+        self.head = (first["head_seq"], first["head_hash"]) if first["operation_exists"] else None
+        self.seq = 0
+        self.hash: bytes | None = None
+
+    def add(self, row: dict[str, Any]) -> AuditProblem | None:
+        expected_seq = self.seq + 1
+        if row["seq"] != expected_seq:
+            return self._problem(expected_seq, f"row missing (next row found is seq {row['seq']})")
+        if row["prev_hash"] != self.hash:
+            return self._problem(row["seq"], "prev_hash does not match the previous row's hash")
+        if row_hash(self.hash, row) != row["hash"]:
+            return self._problem(row["seq"], "hash does not match the row's contents")
+        self.seq, self.hash = row["seq"], row["hash"]
+        return None
+
+    def close(self) -> AuditProblem | None:
+        if self.head is None:  # operation purged: the chain alone is all there is
+            return None
+        head_seq, head_hash = self.head
+        if head_seq > self.seq:
+            return self._problem(self.seq + 1, f"row missing (the operation records {head_seq})")
+        if head_seq < self.seq or head_hash != self.hash:
+            return self._problem(self.seq, "chain does not end at the operation's recorded head")
+        return None
+
+    def _problem(self, seq: int, reason: str) -> AuditProblem:
+        return AuditProblem(self.operation_id, seq, reason)
+
+
+async def verify_chains(
+    conn: asyncpg.Connection,
+    schema: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> AuditVerification:
+    """Check every audit chain in ``schema``; stop at the first problem.
+
+    ``progress`` is called with the number of rows checked so far after each page.
+    """
+    # One snapshot for the whole walk: rows appended meanwhile must not look like a broken head.
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _walk(conn, schema, progress)
+
+
+async def _walk(
+    conn: asyncpg.Connection, schema: str, progress: Callable[[int], None] | None
+) -> AuditVerification:
+    q = queries(schema)
+    orphan = await conn.fetchval(q["operations_without_audit"].asyncpg_sql)
+    rows = operations = 0
+    problem: AuditProblem | None = None
+    chain: _Chain | None = None
+    after = (0, 0)
+    page_query = q["audit_log_page"]
+    while problem is None:
+        page = await conn.fetch(
+            page_query.asyncpg_sql,
+            *page_query.args(after_operation_id=after[0], after_seq=after[1], limit=_PAGE),
+        )
+        if not page:
+            break
+        for record in page:
+            row = dict(record)
+            if chain is None or chain.operation_id != row["operation_id"]:
+                problem = chain.close() if chain else None
+                if problem:
+                    break
+                chain = _Chain(row)
+                operations += 1
+            problem = chain.add(row)
+            if problem:
+                break
+            rows += 1
+        after = (page[-1]["operation_id"], page[-1]["seq"])
+        if progress:
+            progress(rows)
+    if problem is None and chain is not None:
+        problem = chain.close()
+    if orphan is not None and (problem is None or orphan < problem.operation_id):
+        problem = AuditProblem(orphan, 1, "operation has no audit rows")
+    return AuditVerification(operations, rows, problem)
+
+
+async def verify(settings: DatabaseSettings) -> AuditVerification:
+    """Verify every audit chain of the pgoutbox schema ``settings`` points at.
+
+    Usage::
+
+        result = await verify(Settings().database)
+        assert result.ok, str(result.problem)
+    """
+    pool = await create_pool(settings, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            return await verify_chains(conn, settings.schema_name)
+    finally:
+        await pool.close()

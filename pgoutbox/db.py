@@ -1,0 +1,80 @@
+"""Connections: the SQLAlchemy session manager users publish through, and asyncpg pools."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from pgoutbox.settings import DatabaseSettings
+
+# Set on every session a DatabaseSessionManager hands out, so publish_operation can apply the
+# configured payload limit without a settings argument.
+SESSION_SETTINGS_KEY = "pgoutbox.settings"
+
+
+def create_engine(settings: DatabaseSettings, *, pool_size: int | None = None) -> AsyncEngine:
+    """An async SQLAlchemy engine over asyncpg for ``settings``.
+
+    Connections are made by asyncpg from the settings' fields (not from a URL), so Unix-socket
+    hosts, passwords with special characters and ``application_name`` need no escaping.
+    """
+    kwargs = settings.connect_kwargs()
+
+    async def connect() -> Any:
+        return await asyncpg.connect(**kwargs)
+
+    return create_async_engine(
+        "postgresql+asyncpg://",
+        async_creator=connect,
+        pool_size=pool_size or settings.pool_size,
+        max_overflow=0,
+        pool_pre_ping=True,
+    )
+
+
+async def create_pool(
+    settings: DatabaseSettings, *, min_size: int = 1, max_size: int | None = None
+) -> asyncpg.Pool:
+    """An asyncpg pool for pgoutbox's own hot path (claim, record, heartbeat)."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        min_size=min_size, max_size=max_size or settings.pool_size, **settings.connect_kwargs()
+    )
+    return pool
+
+
+class DatabaseSessionManager:
+    """Hands out SQLAlchemy ``AsyncSession`` objects connected to pgoutbox's database.
+
+    Usage::
+
+        sm = DatabaseSessionManager(settings.database)
+        async with sm.session() as session:
+            await publish_operation(session, operation_type="demo.hello", payload={}, channel="c")
+            await session.commit()
+        await sm.close()
+    """
+
+    def __init__(self, settings: DatabaseSettings) -> None:
+        self.settings = settings
+        self.engine = create_engine(settings)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[AsyncSession]:
+        """A session; it rolls back whatever was not committed when the block exits."""
+        async with self._sessions() as session:
+            session.info[SESSION_SETTINGS_KEY] = self.settings
+            yield session
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()

@@ -1,0 +1,261 @@
+"""Recording intent: ``publish_operation`` and ``publish_many``.
+
+Both insert in the caller's transaction and never commit: the operation exists exactly when the
+caller's own writes do. Workers are woken with ``pg_notify``, which PostgreSQL delivers only on
+commit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, NewType
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pgoutbox.db import SESSION_SETTINGS_KEY
+from pgoutbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, DatabaseSettings, validate_identifier
+from pgoutbox.sql import Query, queries
+
+OperationId = NewType("OperationId", int)
+
+_OPERATION_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
+_MAX_TYPE_CHARS = 200
+_MAX_KEY_CHARS = 500
+_INT32 = 2**31 - 1
+
+
+class PublishError(ValueError):
+    """The operation was not recorded: the arguments were invalid. Nothing was written."""
+
+
+class IdempotencyConflict(PublishError):
+    """An operation with this idempotency key exists and records a different intent."""
+
+
+def publish_kwargs_keys() -> frozenset[str]:
+    """The keyword arguments a ``publish_many`` item may hold."""
+    return frozenset(
+        {"operation_type", "payload", "channel", "run_at", "idempotency_key", "priority",
+         "max_attempts"}
+    )
+
+
+async def publish_operation(
+    session: AsyncSession,
+    operation_type: str,
+    payload: Any,
+    channel: str,
+    run_at: datetime | None = None,
+    idempotency_key: str | None = None,
+    *,
+    priority: int = 0,
+    max_attempts: int | None = None,
+) -> OperationId:
+    """Record the intent to run ``operation_type`` with ``payload``; return its id.
+
+    Usage::
+
+        async with sm.session() as session:
+            op_id = await publish_operation(session, operation_type="billing.charge",
+                                            payload={"order": 42}, channel="workflow",
+                                            idempotency_key="charge-order-42")
+            await session.commit()   # publish_operation never commits
+
+    ``run_at`` (timezone-aware) delays the operation; by default it is due at once (database
+    time). Publishing again with the same ``idempotency_key`` returns the existing operation's
+    id; the same key with a different type, channel or payload raises
+    :class:`IdempotencyConflict`. ``max_attempts`` overrides the handler's retry limit.
+    Invalid input raises :class:`PublishError` before anything is written.
+    """
+    row = _validated(
+        dict(operation_type=operation_type, payload=payload, channel=channel, run_at=run_at,
+             idempotency_key=idempotency_key, priority=priority, max_attempts=max_attempts),
+        _max_payload_bytes(session),
+    )
+    q = _queries(session)
+    inserted = (
+        await session.execute(q["operations_publish"].clause(), {**row, "created_by": None})
+    ).first()
+    if inserted is not None:
+        return OperationId(inserted[0])
+    # The key exists (committed, or just committed by a concurrent publisher we waited for).
+    return (await _match_existing(session, q["operations_match_idempotency_keys"], [row]))[0]
+
+
+async def publish_many(
+    session: AsyncSession, operations: Iterable[Mapping[str, Any]]
+) -> list[OperationId]:
+    """Record many operations in one statement; return their ids in input order.
+
+    Usage::
+
+        ids = await publish_many(session, [
+            {"operation_type": "email.send", "payload": {"to": "a@example.com"},
+             "channel": "workflow"},
+            {"operation_type": "email.send", "payload": {"to": "b@example.com"},
+             "channel": "workflow", "idempotency_key": "welcome-b"},
+        ])
+        await session.commit()
+
+    Each item holds :func:`publish_operation`'s keyword arguments. Every item is validated
+    before anything is written; if any is invalid (or conflicts with an existing idempotency
+    key), nothing of the batch is written.
+    """
+    limit = _max_payload_bytes(session)
+    rows = []
+    for index, item in enumerate(operations):
+        unknown = set(item) - publish_kwargs_keys()
+        if unknown:
+            raise PublishError(
+                f"operations[{index}]: unknown argument(s) {sorted(unknown)}; "
+                f"allowed: {sorted(publish_kwargs_keys())}"
+            )
+        try:
+            rows.append(_validated(dict(item), limit))
+        except PublishError as exc:
+            raise PublishError(f"operations[{index}]: {exc}") from None
+    if not rows:
+        return []
+    q = _queries(session)
+    keyed = [row for row in rows if row["idempotency_key"] is not None]
+    columns = {
+        "operation_types": [r["operation_type"] for r in rows],
+        "channels": [r["channel"] for r in rows],
+        "payloads": [r["payload"] for r in rows],
+        "run_ats": [r["run_at"] for r in rows],
+        "idempotency_keys": [r["idempotency_key"] for r in rows],
+        "priorities": [r["priority"] for r in rows],
+        "max_attempts": [r["max_attempts"] for r in rows],
+        "created_by": None,
+    }
+    if not keyed:
+        result = await session.execute(q["operations_publish_many"].clause(), columns)
+        return [OperationId(row[0]) for row in result]
+    # With keys, a conflict found after inserting must undo the batch's rows, but not the
+    # caller's earlier work in the same transaction: hence the savepoint.
+    async with session.begin_nested():
+        result = await session.execute(q["operations_publish_many"].clause(), columns)
+        unkeyed_ids = iter([OperationId(op_id) for op_id, key in result if key is None])
+        matched = await _match_existing(session, q["operations_match_idempotency_keys"], keyed)
+    by_key = dict(zip([r["idempotency_key"] for r in keyed], matched, strict=True))
+    return [
+        by_key[row["idempotency_key"]] if row["idempotency_key"] is not None else next(unkeyed_ids)
+        for row in rows
+    ]
+
+
+async def _match_existing(
+    session: AsyncSession, query: Query, rows: list[dict[str, Any]]
+) -> list[OperationId]:
+    """The ids of the operations holding these rows' keys; raise on a different intent."""
+    result = await session.execute(
+        query.clause(),
+        {
+            "idempotency_keys": [r["idempotency_key"] for r in rows],
+            "operation_types": [r["operation_type"] for r in rows],
+            "channels": [r["channel"] for r in rows],
+            "payloads": [r["payload"] for r in rows],
+        },
+    )
+    found = {key: (OperationId(op_id), same) for op_id, key, same in result}
+    ids = []
+    for row in rows:
+        key = row["idempotency_key"]
+        if key not in found:  # pragma: no cover - the key was just seen to conflict
+            raise PublishError(f"idempotency key {key!r} vanished while publishing; retry")
+        op_id, same = found[key]
+        if not same:
+            raise IdempotencyConflict(
+                f"idempotency key {key!r} already belongs to operation {op_id}, which records a "
+                "different operation type, channel or payload; use a new key for new intent"
+            )
+        ids.append(op_id)
+    return ids
+
+
+def _queries(session: AsyncSession) -> dict[str, Query]:
+    return queries(_settings(session).schema_name if _settings(session) else "pgoutbox")
+
+
+def _settings(session: AsyncSession) -> DatabaseSettings | None:
+    settings = session.info.get(SESSION_SETTINGS_KEY)
+    return settings if isinstance(settings, DatabaseSettings) else None
+
+
+def _max_payload_bytes(session: AsyncSession) -> int:
+    settings = _settings(session)
+    return settings.max_payload_bytes if settings else DEFAULT_MAX_PAYLOAD_BYTES
+
+
+def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
+    """Check one operation's arguments; return them as query parameters."""
+    operation_type = item.get("operation_type")
+    if (
+        not isinstance(operation_type, str)
+        or len(operation_type) > _MAX_TYPE_CHARS
+        or not _OPERATION_TYPE.fullmatch(operation_type)
+    ):
+        raise PublishError(
+            f"invalid operation_type {operation_type!r}: use letters, digits and . _ : - "
+            f"(at most {_MAX_TYPE_CHARS} characters), e.g. 'billing.charge'"
+        )
+    channel = item.get("channel")
+    try:
+        validate_identifier(channel, "channel")  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise PublishError(str(exc)) from None
+    if "payload" not in item:
+        raise PublishError("payload is required (use {} for none)")
+    try:
+        payload = json.dumps(item["payload"], allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise PublishError(
+            f"payload of {operation_type!r} is not JSON-serialisable ({exc}); pass dicts, lists, "
+            "strings, finite numbers, booleans and None"
+        ) from None
+    if "\\u0000" in payload:
+        raise PublishError(
+            f"payload of {operation_type!r} contains a NUL character, which PostgreSQL's jsonb "
+            "cannot store; encode binary data (e.g. base64) first"
+        )
+    size = len(payload.encode())
+    if size > max_payload_bytes:
+        raise PublishError(
+            f"payload of {operation_type!r} is {size} bytes as JSON, over the limit of "
+            f"{max_payload_bytes}; store large data elsewhere and publish a reference, or raise "
+            "database.max_payload_bytes"
+        )
+    run_at = item.get("run_at")
+    if run_at is not None and (not isinstance(run_at, datetime) or run_at.tzinfo is None):
+        raise PublishError(
+            f"invalid run_at {run_at!r}: pass a timezone-aware datetime, "
+            "e.g. datetime.now(timezone.utc) + timedelta(seconds=10)"
+        )
+    key = item.get("idempotency_key")
+    if key is not None and (not isinstance(key, str) or not key or len(key) > _MAX_KEY_CHARS):
+        raise PublishError(
+            f"invalid idempotency_key {key!r}: a non-empty string of at most {_MAX_KEY_CHARS} "
+            "characters, or None"
+        )
+    priority = item.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _INT32:
+        raise PublishError(f"invalid priority {priority!r}: an integer (higher runs first)")
+    max_attempts = item.get("max_attempts")
+    if max_attempts is not None and (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= _INT32
+    ):
+        raise PublishError(f"invalid max_attempts {max_attempts!r}: an integer >= 1, or None")
+    return {
+        "operation_type": operation_type,
+        "channel": channel,
+        "payload": payload,
+        "run_at": run_at,
+        "idempotency_key": key,
+        "priority": priority,
+        "max_attempts": max_attempts,
+    }

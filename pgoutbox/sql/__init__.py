@@ -1,0 +1,60 @@
+"""The one SQL layer: named queries loaded once from ``queries.sql``.
+
+A query is written once with ``:name`` parameters and ``{s}`` for the schema, and rendered for
+either driver: ``$1, $2, ...`` for asyncpg (the hot path) or a SQLAlchemy ``TextClause`` (the
+user's session, for publishing).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from sqlalchemy import TextClause, text
+
+from pgoutbox.migrations import quote_schema
+
+_BLOCK = re.compile(r"^-- name: (\w+)\n((?:--[^\n]*\n)*)(.*?)(?=^-- name: |\Z)", re.M | re.S)
+# `:name` but not the `::` of a cast.
+_PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
+
+
+@dataclass(frozen=True)
+class Query:
+    """One named statement, rendered for one schema."""
+
+    name: str
+    sql: str  # with :name parameters and the schema filled in
+    params: tuple[str, ...]  # distinct parameter names, in order of first use
+    asyncpg_sql: str  # the same with $1.. placeholders
+
+    def args(self, **values: Any) -> list[Any]:
+        """Positional arguments for asyncpg, in ``$n`` order."""
+        return [values[name] for name in self.params]
+
+    def clause(self) -> TextClause:
+        """The statement for ``session.execute(query.clause(), {...})``."""
+        return text(self.sql)
+
+
+@functools.cache
+def _raw() -> dict[str, str]:
+    source = resources.files(__package__).joinpath("queries.sql").read_text()
+    return {m.group(1): m.group(3).strip() for m in _BLOCK.finditer(source)}
+
+
+@functools.cache
+def queries(schema: str) -> dict[str, Query]:
+    """Every named query, rendered for ``schema`` (validated and quoted)."""
+    quoted = quote_schema(schema)
+    rendered: dict[str, Query] = {}
+    for name, body in _raw().items():
+        sql = body.replace("{s}", quoted)
+        names = tuple(dict.fromkeys(_PARAM.findall(sql)))
+        position = {param: i + 1 for i, param in enumerate(names)}
+        asyncpg_sql = _PARAM.sub(lambda m: f"${position[m.group(1)]}", sql)
+        rendered[name] = Query(name, sql, names, asyncpg_sql)
+    return rendered
