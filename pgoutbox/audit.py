@@ -65,8 +65,15 @@ def canonical_encoding(
 def row_hash(prev_hash: bytes | None, row: dict[str, Any]) -> bytes:
     """The hash an audit row must carry, given its fields and its predecessor's hash."""
     encoded = canonical_encoding(
-        row["operation_id"], row["seq"], row["operation_type"], row["from_state"],
-        row["to_state"], row["trigger"], row["attempt"], row["actor"], row["detail"],
+        row["operation_id"],
+        row["seq"],
+        row["operation_type"],
+        row["from_state"],
+        row["to_state"],
+        row["trigger"],
+        row["attempt"],
+        row["actor"],
+        row["detail"],
         row["recorded_at"],
     )
     return hashlib.sha256((prev_hash or b"") + encoded).digest()

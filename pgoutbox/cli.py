@@ -52,7 +52,9 @@ def _dsn_fields(dsn: str) -> dict[str, Any]:
 
 @click.group()
 @click.option("--dsn", envvar="PGOUTBOX_DATABASE__DSN", help="postgresql:// URL to connect to.")
-@click.option("--schema", help="pgoutbox's schema (default: PGOUTBOX_DATABASE__SCHEMA or pgoutbox).")
+@click.option(
+    "--schema", help="pgoutbox's schema (default: PGOUTBOX_DATABASE__SCHEMA or pgoutbox)."
+)
 @click.pass_context
 def cli(ctx: click.Context, dsn: str | None, schema: str | None) -> None:
     """pgoutbox: PostgreSQL-backed outbox and workflow engine."""

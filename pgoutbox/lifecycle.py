@@ -63,11 +63,14 @@ class Lifecycle:
         Machine validates them (unknown states raise); it is used once, here, and discarded.
         """
         machine = Machine(
-            model=None, states=list(states), transitions=list(transitions), initial=initial,
+            model=None,
+            states=list(states),
+            transitions=list(transitions),
+            initial=initial,
             auto_transitions=False,
         )
         compiled = frozenset(
-            Transition(source, trigger, transition.dest)
+            Transition(source, trigger, str(transition.dest))
             for trigger, event in machine.events.items()
             for source, group in event.transitions.items()
             for transition in group

@@ -38,8 +38,15 @@ class IdempotencyConflict(PublishError):
 def publish_kwargs_keys() -> frozenset[str]:
     """The keyword arguments a ``publish_many`` item may hold."""
     return frozenset(
-        {"operation_type", "payload", "channel", "run_at", "idempotency_key", "priority",
-         "max_attempts"}
+        {
+            "operation_type",
+            "payload",
+            "channel",
+            "run_at",
+            "idempotency_key",
+            "priority",
+            "max_attempts",
+        }
     )
 
 
@@ -71,8 +78,15 @@ async def publish_operation(
     Invalid input raises :class:`PublishError` before anything is written.
     """
     row = _validated(
-        dict(operation_type=operation_type, payload=payload, channel=channel, run_at=run_at,
-             idempotency_key=idempotency_key, priority=priority, max_attempts=max_attempts),
+        dict(
+            operation_type=operation_type,
+            payload=payload,
+            channel=channel,
+            run_at=run_at,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            max_attempts=max_attempts,
+        ),
         _max_payload_bytes(session),
     )
     q = _queries(session)
@@ -177,7 +191,8 @@ async def _match_existing(
 
 
 def _queries(session: AsyncSession) -> dict[str, Query]:
-    return queries(_settings(session).schema_name if _settings(session) else "pgoutbox")
+    settings = _settings(session)
+    return queries(settings.schema_name if settings else "pgoutbox")
 
 
 def _settings(session: AsyncSession) -> DatabaseSettings | None:

@@ -59,9 +59,7 @@ class DatabaseSettings(BaseModel):
     application_name: str = "pgoutbox"
     # ``schema`` would shadow a (deprecated) BaseModel method, so the field is ``schema_name``
     # and ``schema`` is accepted as its name in input, exactly as the Quickstart passes it.
-    schema_name: str = Field(
-        "pgoutbox", validation_alias=AliasChoices("schema", "schema_name")
-    )
+    schema_name: str = Field("pgoutbox", validation_alias=AliasChoices("schema", "schema_name"))
     dsn: str | None = None
     pool_size: int = Field(10, ge=1, description="connections per engine/pool")
     max_payload_bytes: int = Field(
@@ -174,5 +172,5 @@ class Settings(BaseSettings):
         env_prefix="PGOUTBOX_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    workflow_system: WorkflowSystemSettings = Field(default_factory=WorkflowSystemSettings)
+    database: DatabaseSettings = DatabaseSettings()  # frozen, so sharing is safe
+    workflow_system: WorkflowSystemSettings = WorkflowSystemSettings()

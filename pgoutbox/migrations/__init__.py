@@ -87,8 +87,12 @@ def split_statements(script: str) -> list[str]:
             current.append(script[i])
             i += 1
     statements.append("".join(current).strip())
-    return [s for s in statements if s and not all(
-        line.lstrip().startswith("--") or not line.strip() for line in s.splitlines())]
+    return [
+        s
+        for s in statements
+        if s
+        and not all(line.lstrip().startswith("--") or not line.strip() for line in s.splitlines())
+    ]
 
 
 def execute_script(script: str) -> None:

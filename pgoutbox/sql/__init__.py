@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -46,6 +47,10 @@ def _raw() -> dict[str, str]:
     return {m.group(1): m.group(3).strip() for m in _BLOCK.finditer(source)}
 
 
+def _positional(names: tuple[str, ...]) -> Callable[[re.Match[str]], str]:
+    return lambda match: f"${names.index(match.group(1)) + 1}"
+
+
 @functools.cache
 def queries(schema: str) -> dict[str, Query]:
     """Every named query, rendered for ``schema`` (validated and quoted)."""
@@ -54,7 +59,6 @@ def queries(schema: str) -> dict[str, Query]:
     for name, body in _raw().items():
         sql = body.replace("{s}", quoted)
         names = tuple(dict.fromkeys(_PARAM.findall(sql)))
-        position = {param: i + 1 for i, param in enumerate(names)}
-        asyncpg_sql = _PARAM.sub(lambda m: f"${position[m.group(1)]}", sql)
+        asyncpg_sql = _PARAM.sub(_positional(names), sql)
         rendered[name] = Query(name, sql, names, asyncpg_sql)
     return rendered

@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (SQL error messages are kept on one line so they grep well)
 """Operations, the audit log the database enforces, and the default lifecycle.
 
 Revision ID: 0001_initial
