@@ -52,18 +52,20 @@ class DatabaseSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
     host: str = "localhost"
-    port: int = Field(5432, ge=1, le=65535)
+    port: int = Field(default=5432, ge=1, le=65535)
     user: str = "postgres"
     password: str = ""
     database: str = "postgres"
     application_name: str = "pgoutbox"
     # ``schema`` would shadow a (deprecated) BaseModel method, so the field is ``schema_name``
     # and ``schema`` is accepted as its name in input, exactly as the Quickstart passes it.
-    schema_name: str = Field("pgoutbox", validation_alias=AliasChoices("schema", "schema_name"))
+    schema_name: str = Field(
+        default="pgoutbox", validation_alias=AliasChoices("schema", "schema_name")
+    )
     dsn: str | None = None
-    pool_size: int = Field(10, ge=1, description="connections per engine/pool")
+    pool_size: int = Field(default=10, ge=1, description="connections per engine/pool")
     max_payload_bytes: int = Field(
-        DEFAULT_MAX_PAYLOAD_BYTES, ge=1, description="largest payload publish accepts, as JSON"
+        default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1, description="largest JSON payload accepted"
     )
 
     @model_validator(mode="before")
@@ -120,16 +122,22 @@ class WorkflowSystemSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     channel: str = "pgoutbox"
-    n_workers: int = Field(10, ge=1, description="handlers running at once")
-    batch_size: int = Field(10, ge=1, le=10_000, description="operations claimed per statement")
-    lease_seconds: float = Field(30.0, gt=0)
-    heartbeat_seconds: float | None = Field(None, gt=0, description="default: lease / 3")
-    rescue_interval_seconds: float | None = Field(None, gt=0, description="default: lease / 3")
-    poll_interval_seconds: float = Field(2.0, gt=0)
-    shutdown_timeout_seconds: float = Field(30.0, ge=0)
+    n_workers: int = Field(default=10, ge=1, description="handlers running at once")
+    batch_size: int = Field(
+        default=10, ge=1, le=10_000, description="operations claimed per statement"
+    )
+    lease_seconds: float = Field(default=30.0, gt=0)
+    heartbeat_seconds: float | None = Field(default=None, gt=0, description="default: lease / 3")
+    rescue_interval_seconds: float | None = Field(
+        default=None, gt=0, description="default: lease / 3"
+    )
+    poll_interval_seconds: float = Field(default=2.0, gt=0)
+    shutdown_timeout_seconds: float = Field(default=30.0, ge=0)
     listen: bool = True
     auto_migrate: bool = True
-    error_max_chars: int = Field(8000, ge=200, description="traceback kept per failed attempt")
+    error_max_chars: int = Field(
+        default=8000, ge=200, description="traceback kept per failed attempt"
+    )
 
     @field_validator("channel")
     @classmethod
