@@ -1,6 +1,7 @@
 """pgoutbox: PostgreSQL-backed workflow and outbox engine for irreversible operations."""
 
 from pgoutbox.audit import AuditProblem, AuditVerification, verify
+from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SessionControlError
 from pgoutbox.db import DatabaseSessionManager
 from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, Lifecycle, TransitionNotAllowed
 from pgoutbox.publish import (
@@ -10,7 +11,9 @@ from pgoutbox.publish import (
     publish_many,
     publish_operation,
 )
+from pgoutbox.router import HandlerSpec, RetryPolicy, RouterError, WorkflowRouter
 from pgoutbox.settings import DatabaseSettings, Settings, WorkflowSystemSettings
+from pgoutbox.worker import SchemaNotReady, WorkflowSystem
 
 __all__ = [
     "DEFAULT_LIFECYCLE",
@@ -18,12 +21,22 @@ __all__ = [
     "AuditVerification",
     "DatabaseSessionManager",
     "DatabaseSettings",
+    "DoNotRetry",
+    "GuardedSession",
+    "HandlerContext",
+    "HandlerSpec",
     "IdempotencyConflict",
     "Lifecycle",
     "OperationId",
     "PublishError",
+    "RetryPolicy",
+    "RouterError",
+    "SchemaNotReady",
+    "SessionControlError",
     "Settings",
     "TransitionNotAllowed",
+    "WorkflowRouter",
+    "WorkflowSystem",
     "WorkflowSystemSettings",
     "publish_many",
     "publish_operation",

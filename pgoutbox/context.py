@@ -1,0 +1,85 @@
+"""What a handler receives: ``HandlerContext`` and the guarded session of transactional handlers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+class DoNotRetry(Exception):
+    """Raise from a handler to record the attempt as failed and send the operation to ``dead``
+    at once, without further attempts (e.g. the card was declined, the address is invalid)."""
+
+
+class SessionControlError(RuntimeError):
+    """A handler tried to control the dispatcher-managed transaction."""
+
+
+class GuardedSession:
+    """The ``AsyncSession`` of a transactional handler, minus transaction control.
+
+    Everything but ``commit``, ``rollback``, ``close``, ``begin`` and ``begin_nested`` is passed
+    to the real session. The dispatcher commits the handler's writes together with the success
+    transition; ``unsafe`` is the raw session, for those who accept losing that guarantee.
+    """
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    @property
+    def unsafe(self) -> AsyncSession:
+        """The raw session. Committing through it breaks pgoutbox's guarantees."""
+        return self._session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def _refuse(self, name: str) -> NoReturn:
+        raise SessionControlError(
+            f"ctx.session.{name}() is not allowed: pgoutbox commits the handler's writes together "
+            "with the operation's success, or rolls them back when the handler raises. Raise an "
+            "exception to fail the attempt; use ctx.session.unsafe only if you accept losing "
+            "that guarantee."
+        )
+
+    async def commit(self) -> NoReturn:
+        """Refused: see the class docstring."""
+        self._refuse("commit")
+
+    async def rollback(self) -> NoReturn:
+        """Refused: see the class docstring."""
+        self._refuse("rollback")
+
+    async def close(self) -> NoReturn:
+        """Refused: see the class docstring."""
+        self._refuse("close")
+
+    def begin(self) -> NoReturn:
+        """Refused: see the class docstring."""
+        self._refuse("begin")
+
+    def begin_nested(self) -> NoReturn:
+        """Refused: see the class docstring."""
+        self._refuse("begin_nested")
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """Everything a handler knows about the attempt it is running.
+
+    ``idempotency_key`` is stable across attempts of one operation: pass it to the external
+    API (e.g. a payment provider's idempotency key) so a retried attempt cannot charge twice.
+    It is the key the operation was published with, or ``pgoutbox-<schema>-<id>``.
+    """
+
+    operation_id: int
+    operation_type: str
+    attempt: int
+    max_attempts: int
+    idempotency_key: str
+    session: GuardedSession | None
+    logger: logging.LoggerAdapter[logging.Logger]
+    worker_id: str

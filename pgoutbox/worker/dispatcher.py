@@ -1,0 +1,431 @@
+"""The dispatcher: claim a batch, run handlers, record outcomes in batches.
+
+Three kinds of loop share the in-flight table:
+
+- the claim loop leases up to ``batch_size`` due operations per statement, whenever there is
+  room, and sleeps until woken (notification, a freed slot, the next ``run_at``, or the poll
+  interval);
+- ``n_workers`` work loops take claimed operations from a queue and run their handlers;
+- the record loop writes every outcome that has piled up in one fenced statement per kind.
+
+An operation stays in flight (its lease extended by the heartbeat) from its claim until its
+outcome is committed, so a crash at any point leaves it ``claimed`` until the rescuer finds
+its lease expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext
+from pgoutbox.router import HandlerSpec
+from pgoutbox.settings import WorkflowSystemSettings
+from pgoutbox.sql import Query
+from pgoutbox.worker.services import CONNECTION_ERRORS
+
+log = logging.getLogger("pgoutbox.worker")
+handler_log = logging.getLogger("pgoutbox.handler")
+
+_LAST_ERROR_CHARS = 1000
+
+
+class LeaseLost(Exception):
+    """The operation's lease went to someone else before its outcome could be recorded."""
+
+
+@dataclass(slots=True)
+class Claimed:
+    """An operation this worker holds."""
+
+    id: int
+    operation_type: str
+    payload: str
+    attempt: int
+    max_attempts: int
+    version: int
+    idempotency_key: str
+    spec: HandlerSpec
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How an attempt ended. ``committed``: a transactional success already recorded."""
+
+    op: Claimed
+    error: BaseException | None = None
+    give_up: bool = False
+    committed: bool = False
+    lease_lost: bool = False
+
+
+class Dispatcher:
+    """Claims, runs and records operations for one WorkflowSystem."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        queries: Mapping[str, Query],
+        settings: WorkflowSystemSettings,
+        schema: str,
+        handlers: Mapping[str, HandlerSpec],
+        worker_id: str,
+        sessions: async_sessionmaker[AsyncSession] | None,
+    ) -> None:
+        self._pool, self._q, self._settings = pool, queries, settings
+        self._schema, self._handlers, self.worker_id = schema, handlers, worker_id
+        self._sessions = sessions
+        self._types = sorted(handlers)
+        # Room for a whole batch even when n_workers is smaller: claimed operations wait in the
+        # queue with their lease extended by the heartbeat.
+        self.capacity = max(settings.n_workers, settings.batch_size)
+        self.in_flight: dict[int, Claimed] = {}
+        self._queue: asyncio.Queue[Claimed] = asyncio.Queue()
+        self._outcomes: list[Outcome] = []
+        self._wake = asyncio.Event()
+        self._record_wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._claiming = True
+        self._record_lock = asyncio.Lock()  # one flush at a time: stop() flushes too
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the claim, work and record loops."""
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="pgoutbox-claim"),
+            asyncio.create_task(self._record_loop(), name="pgoutbox-record"),
+        ]
+        for i in range(self._settings.n_workers):
+            task = asyncio.create_task(self._work_loop(), name=f"pgoutbox-work-{i}")
+            self._running.add(task)
+
+    def wake(self) -> None:
+        """Look for due operations now (a notification arrived, or a slot freed)."""
+        self._wake.set()
+
+    def held_versions(self) -> dict[int, int]:
+        """Operation id -> claimed version of everything in flight (for the heartbeat)."""
+        return {op_id: op.version for op_id, op in self.in_flight.items()}
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Stop claiming; let running handlers finish for up to ``grace_seconds``; release
+        what is left (claimed but not started, or still running) in an audited transition."""
+        self._claiming = False
+        self.wake()
+        not_started = []
+        while not self._queue.empty():
+            not_started.append(self._queue.get_nowait())
+        # Not started: nothing happened outside, so hand them back at once.
+        await self._release(not_started)
+        if self.in_flight:
+            self._idle.clear()
+            self._record_wake.set()
+            try:
+                await asyncio.wait_for(self._idle.wait(), grace_seconds)
+            except TimeoutError:
+                log.warning(
+                    "%d handlers still running after %.1fs; cancelling them",
+                    len(self.in_flight),
+                    grace_seconds,
+                )
+        for task in self._running:
+            task.cancel()
+        await asyncio.gather(*self._running, return_exceptions=True)
+        await self._flush()
+        # Still in flight now: handlers that were cancelled mid-run.
+        await self._release(list(self.in_flight.values()))
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- claim -------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        poll = self._settings.poll_interval_seconds
+        while self._claiming:
+            self._wake.clear()  # before claiming, so a wake-up during the claim is not lost
+            room = self.capacity - len(self.in_flight)
+            timeout: float | None = None
+            if room > 0:
+                want = min(room, self._settings.batch_size)
+                try:
+                    claimed = await self.claim(want)
+                except CONNECTION_ERRORS as exc:
+                    log.warning("claim failed, database unreachable (%s); retrying", exc)
+                    claimed, want = [], 0
+                except Exception:
+                    log.exception("claim failed; retrying after the poll interval")
+                    claimed, want = [], 0
+                if want and len(claimed) == want:
+                    continue  # a full batch: more may be due right now
+                timeout = await self._idle_timeout() if want else poll
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def claim(self, limit: int) -> list[Claimed]:
+        """Lease up to ``limit`` due operations and queue them for the work loops."""
+        q = self._q["operations_claim_batch"]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                q.asyncpg_sql,
+                *q.args(
+                    channel=self._settings.channel,
+                    operation_types=self._types,
+                    batch_size=limit,
+                    worker_id=self.worker_id,
+                    lease_seconds=self._settings.lease_seconds,
+                ),
+            )
+        claimed = []
+        for row in rows:
+            spec = self._handlers[row["operation_type"]]
+            op = Claimed(
+                id=row["id"],
+                operation_type=row["operation_type"],
+                payload=row["payload"],
+                attempt=row["attempts"],
+                max_attempts=row["max_attempts"] or spec.max_attempts,
+                version=row["version"],
+                idempotency_key=row["idempotency_key"] or f"pgoutbox-{self._schema}-{row['id']}",
+                spec=spec,
+            )
+            self.in_flight[op.id] = op
+            self._queue.put_nowait(op)
+            claimed.append(op)
+        return claimed
+
+    async def _idle_timeout(self) -> float:
+        """Seconds to sleep when nothing more is due: until the next run_at, at most the poll
+        interval."""
+        poll = self._settings.poll_interval_seconds
+        q = self._q["operations_next_run_at"]
+        try:
+            async with self._pool.acquire() as conn:
+                wait = await conn.fetchval(
+                    q.asyncpg_sql,
+                    *q.args(channel=self._settings.channel, operation_types=self._types),
+                )
+        except CONNECTION_ERRORS:
+            return poll
+        if wait is None:
+            return poll
+        # Due but not claimed means another worker holds it locked right now: look again soon.
+        return min(poll, max(float(wait.total_seconds()), 0.05))
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def _work_loop(self) -> None:
+        while True:
+            op = await self._queue.get()
+            outcome = await self._execute(op)
+            self._outcomes.append(outcome)
+            self._record_wake.set()
+
+    async def _execute(self, op: Claimed) -> Outcome:
+        ctx_logger = logging.LoggerAdapter(
+            handler_log, {"operation_id": op.id, "operation_type": op.operation_type}
+        )
+        try:
+            payload = json.loads(op.payload)
+            if op.spec.transactional:
+                return await self._execute_transactional(op, payload, ctx_logger)
+            await op.spec.fn(self._context(op, None, ctx_logger), payload)
+            return Outcome(op)
+        except LeaseLost:
+            return Outcome(op, lease_lost=True)
+        except DoNotRetry as exc:
+            return Outcome(op, exc, give_up=True)
+        except Exception as exc:
+            return Outcome(op, exc)
+
+    async def _execute_transactional(
+        self, op: Claimed, payload: Any, ctx_logger: logging.LoggerAdapter[logging.Logger]
+    ) -> Outcome:
+        assert self._sessions is not None
+        q = self._q["operations_record_success"]
+        # The handler's writes and the success transition share this one transaction: the
+        # commit makes both visible or neither. Any exception (the handler's, a lost lease, or
+        # the commit's own) rolls it all back and is recorded as this attempt's failure.
+        async with self._sessions() as session, session.begin():
+            await op.spec.fn(self._context(op, GuardedSession(session), ctx_logger), payload)
+            recorded = await session.execute(
+                q.clause(),
+                {"ids": [op.id], "versions": [op.version], "worker_id": self.worker_id},
+            )
+            if recorded.first() is None:
+                raise LeaseLost(op.id)
+        return Outcome(op, committed=True)
+
+    def _context(
+        self,
+        op: Claimed,
+        session: GuardedSession | None,
+        logger: logging.LoggerAdapter[logging.Logger],
+    ) -> HandlerContext:
+        return HandlerContext(
+            operation_id=op.id,
+            operation_type=op.operation_type,
+            attempt=op.attempt,
+            max_attempts=op.max_attempts,
+            idempotency_key=op.idempotency_key,
+            session=session,
+            logger=logger,
+            worker_id=self.worker_id,
+        )
+
+    # -- record ------------------------------------------------------------------------------
+
+    async def _record_loop(self) -> None:
+        while True:
+            await self._record_wake.wait()
+            self._record_wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Record every outcome gathered so far, retrying while the database is unreachable."""
+        async with self._record_lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            delay = 0.1
+            while True:
+                try:
+                    await self._record(batch)
+                    break
+                except CONNECTION_ERRORS as exc:
+                    log.warning("recording %d outcomes failed (%s); retrying", len(batch), exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    # The first statement may have committed before the connection dropped;
+                    # fencing makes the retry safe (it simply matches nothing for those).
+                except Exception:
+                    # Not a connection problem: leave these operations claimed; the rescuer
+                    # moves them on when their lease expires, and the audit shows it.
+                    log.exception(
+                        "recording %d outcomes failed; leaving them to the rescuer", len(batch)
+                    )
+                    break
+            for outcome in batch:
+                self.in_flight.pop(outcome.op.id, None)
+            self.wake()
+        if not self.in_flight:
+            self._idle.set()
+
+    async def _record(self, batch: list[Outcome]) -> None:
+        successes = [
+            o.op for o in batch if o.error is None and not o.committed and not o.lease_lost
+        ]
+        failures = [o for o in batch if o.error is not None]
+        rejected: dict[int, str] = {
+            o.op.id: f"attempt {o.op.attempt} by {self.worker_id} refused: lease lost before "
+            "its transaction committed; nothing of it was kept"
+            for o in batch
+            if o.lease_lost
+        }
+        async with self._pool.acquire() as conn:
+            if successes:
+                q = self._q["operations_record_success"]
+                rows = await conn.fetch(
+                    q.asyncpg_sql,
+                    *q.args(
+                        ids=[op.id for op in successes],
+                        versions=[op.version for op in successes],
+                        worker_id=self.worker_id,
+                    ),
+                )
+                done = {row["id"] for row in rows}
+                for op in successes:
+                    if op.id not in done:
+                        rejected[op.id] = (
+                            f"late result of attempt {op.attempt} by {self.worker_id} refused "
+                            "(its lease was lost): the handler returned success"
+                        )
+            if failures:
+                q = self._q["operations_record_failure"]
+                rows = await conn.fetch(q.asyncpg_sql, *q.args(**self._failure_args(failures)))
+                done = {row["id"] for row in rows}
+                for o in failures:
+                    if o.op.id not in done:
+                        rejected[o.op.id] = (
+                            f"late result of attempt {o.op.attempt} by {self.worker_id} refused "
+                            f"(its lease was lost): {_error_line(o.error)}"
+                        )
+            if rejected:
+                q = self._q["operations_record_rejected"]
+                await conn.execute(
+                    q.asyncpg_sql,
+                    *q.args(
+                        ids=list(rejected),
+                        details=list(rejected.values()),
+                        worker_id=self.worker_id,
+                    ),
+                )
+
+    def _failure_args(self, failures: list[Outcome]) -> dict[str, Any]:
+        limit = self._settings.error_max_chars
+        ops = [o.op for o in failures]
+        return {
+            "ids": [op.id for op in ops],
+            "versions": [op.version for op in ops],
+            "errors": [_error_line(o.error)[:_LAST_ERROR_CHARS] for o in failures],
+            "details": [_error_detail(o, limit) for o in failures],
+            "give_ups": [o.give_up for o in failures],
+            "max_attempts": [op.max_attempts for op in ops],
+            "backoff_bases": [op.spec.retry.base_seconds for op in ops],
+            "backoff_maxes": [op.spec.retry.max_seconds for op in ops],
+            "jitters": [op.spec.retry.jitter for op in ops],
+            "worker_id": self.worker_id,
+        }
+
+    async def _release(self, ops: list[Claimed]) -> None:
+        if not ops:
+            return
+        q = self._q["operations_release"]
+        try:
+            async with self._pool.acquire() as conn:
+                await conn.execute(
+                    q.asyncpg_sql,
+                    *q.args(
+                        ids=[op.id for op in ops],
+                        versions=[op.version for op in ops],
+                        on_lost_dead=[op.spec.on_lost == "dead" for op in ops],
+                        worker_id=self.worker_id,
+                    ),
+                )
+        except CONNECTION_ERRORS as exc:
+            log.warning("could not release %d operations (%s); the rescuer will", len(ops), exc)
+        for op in ops:
+            self.in_flight.pop(op.id, None)
+
+
+def _error_line(error: BaseException | None) -> str:
+    return f"{type(error).__name__}: {error}" if error is not None else ""
+
+
+def _error_detail(outcome: Outcome, limit: int) -> str:
+    """What the audit row keeps of a failed attempt: a headline and the traceback, truncated
+    in the middle so both the outermost and the innermost frames survive."""
+    op, error = outcome.op, outcome.error
+    assert error is not None
+    verdict = "not retried (DoNotRetry)" if outcome.give_up else f"of {op.max_attempts}"
+    head = f"attempt {op.attempt} {verdict}: {_error_line(error)}\n"
+    text = head + "".join(traceback.format_exception(error))
+    if len(text) <= limit:
+        return text
+    marker = f"\n... [{len(text) - limit} characters truncated] ...\n"
+    keep = limit - len(marker)
+    return text[: keep // 2] + marker + text[-(keep - keep // 2) :]

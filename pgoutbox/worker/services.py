@@ -1,0 +1,238 @@
+"""Background services of a worker: heartbeat, rescuer, listener.
+
+All share one outline: a validated config from :class:`WorkflowSystemSettings`, ``start()`` /
+``stop()``, and ``run_once()`` returning a small result. Tests call ``run_once()`` directly
+instead of sleeping for a ticker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from pgoutbox.router import HandlerSpec
+from pgoutbox.settings import DatabaseSettings
+from pgoutbox.sql import Query
+
+log = logging.getLogger("pgoutbox.worker")
+
+# Errors that mean "the database is unreachable right now": retried, never fatal to a worker.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    TimeoutError,
+)
+
+
+class Service(ABC):
+    """A loop calling :meth:`run_once` every ``interval`` seconds until stopped."""
+
+    name = "service"
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    @abstractmethod
+    async def run_once(self) -> Any:
+        """Do one round of work and say what was done."""
+
+    def start(self) -> None:
+        """Start the loop in the background."""
+        self._task = asyncio.create_task(self._loop(), name=f"pgoutbox-{self.name}")
+
+    def kick(self) -> None:
+        """Run the next round now instead of at the next interval."""
+        self._kick.set()
+
+    async def stop(self) -> None:
+        """Stop the loop (a round in progress is cancelled)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except CONNECTION_ERRORS as exc:
+                log.warning("%s: database unreachable (%s); retrying", self.name, exc)
+            except Exception:
+                log.exception("%s: round failed; retrying", self.name)
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self.interval)
+
+
+@dataclass(frozen=True)
+class HeartbeatResult:
+    """Leases extended, and operations found no longer held (their lease was lost)."""
+
+    extended: int
+    lost: tuple[int, ...]
+
+
+class Heartbeat(Service):
+    """Extends the leases of everything this worker holds, and marks the worker alive."""
+
+    name = "heartbeat"
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        queries: Mapping[str, Query],
+        worker_id: str,
+        lease_seconds: float,
+        interval: float,
+        held: Callable[[], Mapping[int, int]],
+    ) -> None:
+        super().__init__(interval)
+        self._pool, self._q, self._worker_id = pool, queries, worker_id
+        self._lease_seconds = lease_seconds
+        self._held = held  # operation id -> version, read fresh each round
+
+    async def run_once(self) -> HeartbeatResult:
+        held = dict(self._held())
+        async with self._pool.acquire() as conn:
+            await conn.execute(self._q["workers_heartbeat"].asyncpg_sql, self._worker_id)
+            if not held:
+                return HeartbeatResult(0, ())
+            q = self._q["operations_extend_leases"]
+            rows = await conn.fetch(
+                q.asyncpg_sql,
+                *q.args(
+                    ids=list(held),
+                    versions=list(held.values()),
+                    lease_seconds=self._lease_seconds,
+                    worker_id=self._worker_id,
+                ),
+            )
+        extended = {row["id"] for row in rows}
+        lost = tuple(sorted(set(held) - extended))
+        if lost:
+            log.warning("lease lost for operations %s; their results will be refused", lost)
+        return HeartbeatResult(len(extended), lost)
+
+
+@dataclass(frozen=True)
+class RescueResult:
+    """Operations whose expired lease was recovered: retried (failed) or dead."""
+
+    retried: int
+    dead: int
+
+
+class Rescuer(Service):
+    """Recovers operations whose lease expired (their worker crashed or stalled)."""
+
+    name = "rescuer"
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        queries: Mapping[str, Query],
+        worker_id: str,
+        channel: str,
+        handlers: Mapping[str, HandlerSpec],
+        interval: float,
+        batch: int = 1000,
+    ) -> None:
+        super().__init__(interval)
+        self._pool, self._q, self._worker_id = pool, queries, worker_id
+        self._channel, self._batch = channel, batch
+        specs = list(handlers.values())
+        self._policy = {
+            "operation_types": [s.operation_type for s in specs],
+            "on_lost_dead": [s.on_lost == "dead" for s in specs],
+            "max_attempts": [s.max_attempts for s in specs],
+        }
+
+    async def run_once(self) -> RescueResult:
+        q = self._q["operations_rescue_expired"]
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                q.asyncpg_sql,
+                *q.args(
+                    **self._policy,
+                    channel=self._channel,
+                    limit=self._batch,
+                    worker_id=self._worker_id,
+                ),
+            )
+        dead = sum(1 for row in rows if row["state"] == "dead")
+        if rows:
+            log.warning("rescued %d operations with expired leases (%d dead)", len(rows), dead)
+        return RescueResult(len(rows) - dead, dead)
+
+
+@dataclass(frozen=True)
+class ListenerResult:
+    """Whether the LISTEN connection is up after this round, and whether it was (re)made."""
+
+    connected: bool
+    reconnected: bool
+
+
+class Listener(Service):
+    """Keeps a LISTEN connection on the channel and calls ``on_notify`` for each notification.
+
+    Each round checks the connection (a query with a timeout, which also catches half-open
+    connections) and reconnects when it is gone; a dropped connection triggers a round at once.
+    ``on_notify`` is also called after a reconnect, since notifications sent meanwhile are lost.
+    """
+
+    name = "listener"
+
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        channel: str,
+        on_notify: Callable[[], None],
+        interval: float,
+    ) -> None:
+        super().__init__(interval)
+        self._settings, self._channel, self._on_notify = settings, channel, on_notify
+        self._conn: asyncpg.Connection | None = None
+
+    async def run_once(self) -> ListenerResult:
+        if self._conn is not None and not self._conn.is_closed():
+            try:
+                await self._conn.fetchval("SELECT 1", timeout=max(self.interval, 1.0))
+                return ListenerResult(True, False)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                log.warning("listener connection is unhealthy; reconnecting")
+                self._conn.terminate()
+        self._conn = None
+        conn = await asyncpg.connect(timeout=10, **self._settings.connect_kwargs())
+        conn.add_termination_listener(lambda _conn: self.kick())
+        await conn.add_listener(self._channel, self._notified)
+        self._conn = conn
+        self._on_notify()
+        return ListenerResult(True, True)
+
+    def _notified(self, *_args: object) -> None:
+        self._on_notify()
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process id of the LISTEN connection (for operators and tests)."""
+        return None if self._conn is None else int(self._conn.get_server_pid())
+
+    async def stop(self) -> None:
+        """Stop the loop and close the connection."""
+        await super().stop()
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
