@@ -1,0 +1,134 @@
+"""Drain throughput and publish-to-start latency of one worker process.
+
+    python benchmarks/bench_drain.py [--n 20000] [--rounds 3] [--latency-samples 200]
+
+drain: N no-op operations are published first; the clock runs from WorkflowSystem.start() until
+every one is recorded succeeded. latency: on an idle worker (LISTEN on), the time from the
+commit of publish_operation to the handler's first line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import asyncpg
+from _common import bench_database, median
+
+from pgoutbox import (
+    DatabaseSessionManager,
+    Settings,
+    WorkflowRouter,
+    WorkflowSystem,
+    publish_many,
+    publish_operation,
+)
+from pgoutbox.settings import DatabaseSettings
+
+CONFIGS = {
+    "defaults (batch 10, 10 handlers)": {},
+    "batch 10": {"batch_size": 10, "n_workers": 10},
+    "batch 100": {"batch_size": 100, "n_workers": 100},
+}
+
+
+async def publish(db: DatabaseSettings, n: int, channel: str) -> None:
+    sm = DatabaseSessionManager(db)
+    try:
+        for offset in range(0, n, 1000):
+            async with sm.session() as session:
+                await publish_many(
+                    session,
+                    [
+                        {"operation_type": "bench.noop", "payload": {"i": i}, "channel": channel}
+                        for i in range(offset, min(offset + 1000, n))
+                    ],
+                )
+                await session.commit()
+    finally:
+        await sm.close()
+
+
+async def drain(db: DatabaseSettings, n: int, config: dict[str, int], tag: str) -> float:
+    channel = f"drain_{tag}"
+    await publish(db, n, channel)
+    done = asyncio.Event()
+    count = 0
+    router = WorkflowRouter()
+
+    @router.on("bench.noop")
+    async def noop(ctx: object, payload: object) -> None:
+        nonlocal count
+        count += 1
+        if count == n:
+            done.set()
+
+    settings = Settings(database=db, workflow_system={"channel": channel, **config})
+    system = WorkflowSystem(router=router, settings=settings)
+    start = time.perf_counter()
+    await system.start()
+    await done.wait()
+    conn = await asyncpg.connect(**db.connect_kwargs())
+    sql = (
+        f'SELECT count(*) FROM "{db.schema_name}".operations '
+        "WHERE channel = $1 AND state = 'succeeded'"
+    )
+    while await conn.fetchval(sql, channel) < n:  # noqa: ASYNC110 - polling the database
+        await asyncio.sleep(0.001)
+    elapsed = time.perf_counter() - start
+    await conn.close()
+    await system.stop()
+    return n / elapsed
+
+
+async def latency(db: DatabaseSettings, samples: int) -> tuple[float, float]:
+    started: asyncio.Queue[float] = asyncio.Queue()
+    router = WorkflowRouter()
+
+    @router.on("bench.ping")
+    async def ping(ctx: object, payload: object) -> None:
+        started.put_nowait(time.perf_counter())
+
+    settings = Settings(database=db, workflow_system={"channel": "latency"})
+    sm = DatabaseSessionManager(db)
+    delays = []
+    async with WorkflowSystem(router=router, settings=settings):
+        for _ in range(samples + 10):
+            async with sm.session() as session:
+                await publish_operation(
+                    session, operation_type="bench.ping", payload={}, channel="latency"
+                )
+                await session.commit()
+                committed = time.perf_counter()
+            delays.append(await started.get() - committed)
+            await asyncio.sleep(0.02)  # idle between operations
+    await sm.close()
+    delays = sorted(delays[10:])  # the first few warm up connections and statements
+    return delays[len(delays) // 2] * 1000, delays[int(len(delays) * 0.99) - 1] * 1000
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency-samples", type=int, default=200)
+    args = parser.parse_args()
+    results: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    async with bench_database() as db:
+        for round_ in range(args.rounds):  # interleaved: every config once per round
+            for i, (name, config) in enumerate(CONFIGS.items()):
+                results[name].append(await drain(db, args.n, config, f"{round_}_{i}"))
+        p50, p99 = await latency(db, args.latency_samples)
+    print(f"drain of {args.n:,} no-op operations, one worker process, median of {args.rounds}")
+    for name, values in results.items():
+        rounds = ", ".join(f"{v:,.0f}" for v in values)
+        print(f"  {name:<36}{median(values):>10,.0f} ops/s   ({rounds})")
+    print(
+        f"latency commit -> handler start: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+        f"({args.latency_samples} samples, idle worker, LISTEN on)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
