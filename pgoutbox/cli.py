@@ -116,6 +116,17 @@ def audit_verify(obj: _Context) -> None:
     click.echo(f"OK: {result.rows} audit rows of {result.operations} operations verified")
 
 
+@cli.command()
+@click.pass_obj
+def demo(obj: _Context) -> None:
+    """Run a worker and three operations on an embedded PostgreSQL (or --dsn), show them
+    change state live, then print an audit trail and verify every hash chain."""
+    from pgoutbox.demo import run_demo
+
+    if not _run(run_demo(obj.dsn)):
+        sys.exit(1)
+
+
 def main() -> None:
     """Entry point of the ``pgoutbox`` console script."""
     cli()
