@@ -25,7 +25,7 @@ from pgoutbox.context import HandlerContext
 from pgoutbox.db import DatabaseSessionManager
 from pgoutbox.publish import publish_operation
 from pgoutbox.router import RetryPolicy, WorkflowRouter
-from pgoutbox.settings import DatabaseSettings, Settings
+from pgoutbox.settings import DatabaseSettings, Settings, WorkflowSystemSettings
 from pgoutbox.worker import WorkflowSystem
 
 STATE_STYLE = {
@@ -79,7 +79,7 @@ async def run_demo(dsn: str | None, console: Console | None = None) -> bool:
         if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
             console = Console(width=140)
     with _database(dsn, console) as url:
-        db = DatabaseSettings(dsn=url, schema=f"pgoutbox_demo_{uuid.uuid4().hex[:6]}")
+        db = DatabaseSettings(dsn=url, schema_name=f"pgoutbox_demo_{uuid.uuid4().hex[:6]}")
         try:
             return await _demo(db, console)
         finally:
@@ -91,7 +91,9 @@ async def run_demo(dsn: str | None, console: Console | None = None) -> bool:
 async def _demo(db: DatabaseSettings, console: Console) -> bool:
     settings = Settings(
         database=db,
-        workflow_system={"channel": "demo", "n_workers": 4, "poll_interval_seconds": 0.5},
+        workflow_system=WorkflowSystemSettings(
+            channel="demo", n_workers=4, poll_interval_seconds=0.5
+        ),
     )
     console.print(f"[bold]Migrating[/] schema {db.schema_name} and starting a worker...")
     sm = DatabaseSessionManager(db)
