@@ -7,6 +7,8 @@ Settings come from the same ``PGOUTBOX_*`` environment variables as :class:`pgou
 from __future__ import annotations
 
 import asyncio
+import importlib
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -16,7 +18,9 @@ from pydantic import ValidationError
 
 from pgoutbox import migrations
 from pgoutbox.audit import verify
-from pgoutbox.settings import DatabaseSettings, Settings
+from pgoutbox.router import WorkflowRouter
+from pgoutbox.settings import DatabaseSettings, Settings, parse_dsn
+from pgoutbox.worker import WorkflowSystem
 
 T = TypeVar("T")
 
@@ -31,23 +35,17 @@ class _Context:
         self.schema = schema
 
     def database(self) -> DatabaseSettings:
+        """Settings from the environment, with --dsn and --schema applied on top."""
         try:
-            base = Settings().database
             overrides: dict[str, Any] = {}
             if self.dsn:
-                overrides = {**base.model_dump(exclude={"dsn"}), "dsn": self.dsn}
-                overrides.update({k: v for k, v in _dsn_fields(self.dsn).items()})
+                overrides.update(parse_dsn(self.dsn), dsn=self.dsn)
             if self.schema:
                 overrides["schema_name"] = self.schema
-            return DatabaseSettings(**{**base.model_dump(), **overrides}) if overrides else base
+            base = Settings().database
+            return DatabaseSettings.model_validate({**base.model_dump(), **overrides})
         except (ValidationError, ValueError) as exc:
             raise click.UsageError(f"invalid settings: {exc}") from None
-
-
-def _dsn_fields(dsn: str) -> dict[str, Any]:
-    from pgoutbox.settings import parse_dsn
-
-    return parse_dsn(dsn)
 
 
 @click.group()
@@ -114,6 +112,42 @@ def audit_verify(obj: _Context) -> None:
         click.echo(f"FAILED: {result.problem}", err=True)
         sys.exit(1)
     click.echo(f"OK: {result.rows} audit rows of {result.operations} operations verified")
+
+
+@cli.command()
+@click.argument("app")
+@click.pass_obj
+def worker(obj: _Context, app: str) -> None:
+    """Run a WorkflowSystem for APP (`module:router` or `module:system`) until SIGTERM/SIGINT,
+    then stop gracefully."""
+    system = _load_app(app, obj)
+    _run(_serve(system))
+
+
+def _load_app(app: str, obj: _Context) -> WorkflowSystem:
+    module_name, _, attribute = app.partition(":")
+    if not module_name or not attribute:
+        raise click.UsageError(f"invalid APP {app!r}: use module:attribute, e.g. myapp.jobs:router")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise click.UsageError(f"cannot load {app!r}: {exc}") from None
+    if isinstance(target, WorkflowSystem):
+        return target
+    if isinstance(target, WorkflowRouter):
+        return WorkflowSystem(router=target, settings=Settings(database=obj.database()))
+    raise click.UsageError(f"{app!r} is a {type(target).__name__}, not a WorkflowRouter or system")
+
+
+async def _serve(system: WorkflowSystem) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await system.start()
+    click.echo(f"worker {system.worker_id} running; SIGTERM or Ctrl-C stops it", err=True)
+    await stop.wait()
+    await system.stop()
 
 
 @cli.command()
