@@ -7,7 +7,9 @@ database's own function, and checks for every operation that:
 - ``seq`` runs 1, 2, 3... without a gap;
 - each row's ``prev_hash`` is the previous row's ``hash`` and its ``hash`` matches its fields;
 - the chain ends where the operation row says it does (``audit_seq``/``audit_hash``), so a
-  deleted last row is noticed too.
+  deleted last row is noticed too;
+- the operation is in the state its last audit row records, so a state changed behind the
+  audit trigger's back is noticed.
 """
 
 from __future__ import annotations
@@ -111,8 +113,10 @@ class _Chain:
     def __init__(self, first: dict[str, Any]) -> None:
         self.operation_id: int = first["operation_id"]
         self.head = (first["head_seq"], first["head_hash"]) if first["operation_exists"] else None
+        self.current_state: str | None = first["current_state"]
         self.seq = 0
         self.hash: bytes | None = None
+        self.to_state: str | None = None
 
     def add(self, row: dict[str, Any]) -> AuditProblem | None:
         expected_seq = self.seq + 1
@@ -122,7 +126,7 @@ class _Chain:
             return self._problem(row["seq"], "prev_hash does not match the previous row's hash")
         if row_hash(self.hash, row) != row["hash"]:
             return self._problem(row["seq"], "hash does not match the row's contents")
-        self.seq, self.hash = row["seq"], row["hash"]
+        self.seq, self.hash, self.to_state = row["seq"], row["hash"], row["to_state"]
         return None
 
     def close(self) -> AuditProblem | None:
@@ -133,6 +137,12 @@ class _Chain:
             return self._problem(self.seq + 1, f"row missing (the operation records {head_seq})")
         if head_seq < self.seq or head_hash != self.hash:
             return self._problem(self.seq, "chain does not end at the operation's recorded head")
+        if self.current_state != self.to_state:
+            return self._problem(
+                self.seq,
+                f"the operation is {self.current_state!r} but its last audit row records "
+                f"{self.to_state!r}",
+            )
         return None
 
     def _problem(self, seq: int, reason: str) -> AuditProblem:

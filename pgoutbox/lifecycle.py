@@ -60,8 +60,14 @@ class Lifecycle:
 
         ``transitions`` items are dicts as ``transitions.Machine`` takes them:
         ``{"trigger": "claim", "source": ["pending", "failed"], "dest": "claimed"}``. The
-        Machine validates them (unknown states raise); it is used once, here, and discarded.
+        Machine is used once, here, and discarded. A transition from or to a state not in
+        ``states`` (or an ``initial`` not in it) raises ``ValueError``.
         """
+        if initial not in states:
+            # transitions would silently add it as an extra state.
+            raise ValueError(
+                f"lifecycle {name!r}: initial state {initial!r} is not in {list(states)}"
+            )
         machine = Machine(
             model=None,
             states=list(states),
@@ -75,6 +81,15 @@ class Lifecycle:
             for source, group in event.transitions.items()
             for transition in group
         )
+        # transitions does not check that sources and destinations are declared states (and
+        # compiles an internal transition, dest=None, to the state "None").
+        for t in compiled:
+            for state in (t.from_state, t.to_state):
+                if state not in machine.states:
+                    raise ValueError(
+                        f"lifecycle {name!r}: transition {t.trigger!r} from {t.from_state!r} "
+                        f"to {t.to_state!r} names unknown state {state!r}"
+                    )
         return cls(name, tuple(machine.states), initial, compiled)
 
     def targets(self, from_state: str, trigger: str) -> frozenset[str]:

@@ -25,6 +25,9 @@ _OPERATION_TYPE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 _MAX_TYPE_CHARS = 200
 _MAX_KEY_CHARS = 500
 _INT32 = 2**31 - 1
+# An escaped NUL in JSON text: \u0000 not itself preceded by an escaping backslash (the string
+# "\\u0000", a backslash followed by "u0000", is fine).
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 class PublishError(ValueError):
@@ -174,7 +177,12 @@ async def _match_existing(
             "payloads": [r["payload"] for r in rows],
         },
     )
-    found = {key: (OperationId(op_id), same) for op_id, key, same in result}
+    # A key given twice in one batch yields a row per occurrence: it is the same intent only if
+    # every occurrence is (otherwise the second payload would silently be dropped).
+    found: dict[str, tuple[OperationId, bool]] = {}
+    for op_id, key, same in result:
+        previous = found.get(key)
+        found[key] = (OperationId(op_id), same and (previous is None or previous[1]))
     ids = []
     for row in rows:
         key = row["idempotency_key"]
@@ -226,12 +234,12 @@ def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
         raise PublishError("payload is required (use {} for none)")
     try:
         payload = json.dumps(item["payload"], allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise PublishError(
             f"payload of {operation_type!r} is not JSON-serialisable ({exc}); pass dicts, lists, "
-            "strings, finite numbers, booleans and None"
+            "strings, finite numbers (not NaN or infinity), booleans and None"
         ) from None
-    if "\\u0000" in payload:
+    if _JSON_NUL.search(payload):
         raise PublishError(
             f"payload of {operation_type!r} contains a NUL character, which PostgreSQL's jsonb "
             "cannot store; encode binary data (e.g. base64) first"

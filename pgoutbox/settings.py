@@ -54,7 +54,8 @@ class DatabaseSettings(BaseModel):
     host: str = "localhost"
     port: int = Field(default=5432, ge=1, le=65535)
     user: str = "postgres"
-    password: str = ""
+    # Kept out of repr (tracebacks, logs, pytest failure output): both may hold the password.
+    password: str = Field(default="", repr=False)
     database: str = "postgres"
     application_name: str = "pgoutbox"
     # ``schema`` would shadow a (deprecated) BaseModel method, so the field is ``schema_name``
@@ -62,7 +63,7 @@ class DatabaseSettings(BaseModel):
     schema_name: str = Field(
         default="pgoutbox", validation_alias=AliasChoices("schema", "schema_name")
     )
-    dsn: str | None = None
+    dsn: str | None = Field(default=None, repr=False)
     pool_size: int = Field(default=10, ge=1, description="connections per engine/pool")
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1, description="largest JSON payload accepted"

@@ -8,7 +8,9 @@ revision carries the branch label ``pgoutbox``.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,13 @@ if TYPE_CHECKING:
 VERSION_TABLE = "alembic_version"
 SCHEMA_ATTRIBUTE = "pgoutbox_schema"
 _HERE = Path(__file__).resolve().parent
+
+# Alembic's ``context`` and ``op`` are module-level proxies. Two upgrades interleaved on one event
+# loop (two schemas migrated at once, e.g. two WorkflowSystems starting together) would read each
+# other's configuration and run DDL against the wrong schema, so upgrades in one loop take turns.
+_UPGRADE_LOCKS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def versions_path() -> str:
@@ -120,8 +129,31 @@ def head_revision() -> str:
     return head
 
 
+class SchemaManagedByHost(RuntimeError):
+    """The schema was installed through a host project's Alembic history; upgrade it there."""
+
+
 def current_revision(connection: Connection, schema: str) -> str | None:
-    """The revision ``schema`` is at, or ``None`` when pgoutbox was never installed there."""
+    """The revision ``schema`` is at, or ``None`` when pgoutbox was never installed there.
+
+    Read from ``<schema>.schema_revision``, which every revision maintains, so the answer is the
+    same whether pgoutbox was migrated standalone or inside a host project's history.
+    """
+    from sqlalchemy import text
+
+    exists = connection.execute(
+        text("SELECT to_regclass(:table) IS NOT NULL"),
+        {"table": f"{quote_schema(schema)}.schema_revision"},
+    ).scalar()
+    if not exists:
+        return None
+    revision = connection.execute(
+        text(f"SELECT revision FROM {quote_schema(schema)}.schema_revision")
+    ).scalar()
+    return None if revision is None else str(revision)
+
+
+def _standalone_revision(connection: Connection, schema: str) -> str | None:
     context = MigrationContext.configure(
         connection, opts={"version_table": VERSION_TABLE, "version_table_schema": schema}
     )
@@ -132,7 +164,9 @@ def upgrade_sync(connection: Connection, schema: str, revision: str = "head") ->
     """Bring ``schema`` to ``revision`` on an open connection, serialised by an advisory lock.
 
     The lock lets many workers start at once with ``auto_migrate``: one migrates, the others
-    wait and then find nothing to do.
+    wait and then find nothing to do. A schema installed through a host project's Alembic
+    history is left to the host: at head there is nothing to do, otherwise
+    :class:`SchemaManagedByHost` says where to upgrade it.
     """
     from sqlalchemy import text
 
@@ -140,6 +174,15 @@ def upgrade_sync(connection: Connection, schema: str, revision: str = "head") ->
         text("SELECT pg_advisory_xact_lock(hashtext('pgoutbox.migrate.' || :schema))"),
         {"schema": schema},
     )
+    installed = current_revision(connection, schema)
+    if installed is not None and _standalone_revision(connection, schema) is None:
+        if installed == head_revision():
+            return
+        raise SchemaManagedByHost(
+            f"schema {schema!r} was installed through a host project's Alembic history and is at "
+            f"{installed}, not pgoutbox's head {head_revision()}: run the host's "
+            "`alembic upgrade heads`"
+        )
     command.upgrade(alembic_config(schema, connection), revision)
 
 
@@ -150,7 +193,10 @@ def downgrade_sync(connection: Connection, schema: str, revision: str) -> None:
 
 async def upgrade(settings: DatabaseSettings, revision: str = "head") -> None:
     """Create or upgrade pgoutbox's schema described by ``settings`` (asyncio entry point)."""
-    await _run(settings, upgrade_sync, revision)
+    loop = asyncio.get_running_loop()
+    lock = _UPGRADE_LOCKS.setdefault(loop, asyncio.Lock())
+    async with lock:
+        await _run(settings, upgrade_sync, revision)
 
 
 async def current(settings: DatabaseSettings) -> str | None:

@@ -39,6 +39,15 @@ DEFAULT_TRANSITIONS = [
 UPGRADE = r"""
 CREATE SCHEMA IF NOT EXISTS {s};
 
+-- The revision this schema is at, kept by every revision's upgrade and downgrade. Alembic's own
+-- version table is the host's when pgoutbox runs inside a host project's history; this row is
+-- where workers and `pgoutbox db check` look in both cases.
+CREATE TABLE {s}.schema_revision (
+    revision  text NOT NULL,
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton)
+);
+INSERT INTO {s}.schema_revision (revision) VALUES ('0001_initial');
+
 CREATE TABLE {s}.lifecycle_transitions (
     lifecycle   text NOT NULL,
     from_state  text NOT NULL,
@@ -286,6 +295,7 @@ DROP TABLE {s}.workers;
 DROP TABLE {s}.audit_log;
 DROP TABLE {s}.operations;
 DROP TABLE {s}.lifecycle_transitions;
+DROP TABLE {s}.schema_revision;
 DROP FUNCTION {s}.refuse_change();
 DROP FUNCTION {s}.operations_before_delete();
 DROP FUNCTION {s}.operations_immutable();

@@ -1,0 +1,205 @@
+"""SQLAlchemy Core tables: the single description of pgoutbox's schema.
+
+The tables are what the migrations create (``tests/migrations`` checks the two agree). They are
+public: query them for compliance reports. Triggers and functions are not described here; they
+live in the migrations. Usage::
+
+    from sqlalchemy import select
+    from pgoutbox.schema import build_metadata
+
+    tables = build_metadata("pgoutbox").tables
+    operations = tables["pgoutbox.operations"]
+    stmt = select(operations.c.id, operations.c.state).where(operations.c.state == "dead")
+
+``<schema>.operations`` -- one row per operation (the persisted intent):
+    ``id`` (identity), ``operation_type``, ``channel``, ``lifecycle``, ``payload`` (jsonb),
+    ``state``, ``attempts``, ``max_attempts``, ``priority``, ``run_at`` (DB clock),
+    ``idempotency_key`` (unique where not null), ``created_at``, ``created_by``, ``updated_at``,
+    ``last_error``, ``lease_owner``, ``lease_expires_at``, ``version`` (fencing token),
+    ``audit_seq`` / ``audit_hash`` (head of the operation's audit chain). ``transition``,
+    ``transition_actor`` and ``transition_detail`` are write-only: set in the UPDATE that changes
+    state, consumed by the audit trigger, NULL at rest.
+
+``<schema>.audit_log`` -- append-only, one row per state change including creation:
+    ``operation_id``, ``seq`` (1, 2, 3... per operation; the primary key with ``operation_id``),
+    ``operation_type``, ``from_state`` (NULL on creation), ``to_state``, ``trigger``, ``attempt``,
+    ``actor``, ``detail``, ``recorded_at`` (DB clock), ``prev_hash``, ``hash``.
+
+``<schema>.lifecycle_transitions`` -- the allowed state changes per lifecycle:
+    ``lifecycle``, ``from_state``, ``trigger``, ``to_state``.
+
+``<schema>.schema_revision`` -- one row: the pgoutbox revision this schema is at (kept by the
+    migrations, whether run standalone or inside a host project's Alembic history).
+
+``<schema>.workers`` -- running workers: ``id``, ``hostname``, ``pid``, ``channel``,
+    ``operation_types``, ``started_at``, ``heartbeat_at``.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, JSONB, TIMESTAMP
+
+from pgoutbox.settings import validate_identifier
+
+DEFAULT_SCHEMA: Final = "pgoutbox"
+
+# Server defaults are written as the migration writes them; Alembic compares them with the
+# database's by evaluating both, so the spelling need not match PostgreSQL's.
+_NOW = text("now()")
+_ZERO = text("0")
+
+
+def _timestamptz() -> TIMESTAMP:
+    return TIMESTAMP(timezone=True)
+
+
+def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
+    """pgoutbox's tables in ``schema`` (a validated identifier), keyed ``"<schema>.<table>"``."""
+    metadata = MetaData(schema=validate_identifier(schema, "schema name"))
+
+    Table(
+        "schema_revision",
+        metadata,
+        Column("revision", Text, nullable=False),
+        Column("singleton", Boolean, nullable=False, server_default=text("true")),
+        PrimaryKeyConstraint("singleton", name="schema_revision_pkey"),
+        CheckConstraint("singleton", name="schema_revision_singleton_check"),
+    )
+
+    Table(
+        "lifecycle_transitions",
+        metadata,
+        Column("lifecycle", Text, nullable=False),
+        Column("from_state", Text, nullable=False),
+        Column("trigger", Text, nullable=False),
+        Column("to_state", Text, nullable=False),
+        PrimaryKeyConstraint(
+            "lifecycle", "from_state", "trigger", "to_state", name="lifecycle_transitions_pkey"
+        ),
+        comment="Allowed state changes per lifecycle; the audit trigger refuses any other.",
+    )
+
+    operations = Table(
+        "operations",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), nullable=False),
+        Column("operation_type", Text, nullable=False),
+        Column("channel", Text, nullable=False),
+        Column("lifecycle", Text, nullable=False, server_default=text("'default'")),
+        Column("payload", JSONB, nullable=False),
+        Column("state", Text, nullable=False, server_default=text("'pending'")),
+        Column("attempts", Integer, nullable=False, server_default=_ZERO),
+        Column("max_attempts", Integer, nullable=True),
+        Column("priority", Integer, nullable=False, server_default=_ZERO),
+        Column("run_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("idempotency_key", Text, nullable=True),
+        Column("created_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("created_by", Text, nullable=False, server_default=text("CURRENT_USER")),
+        Column("updated_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("last_error", Text, nullable=True),
+        Column("lease_owner", Text, nullable=True),
+        Column("lease_expires_at", _timestamptz(), nullable=True),
+        Column(
+            "version",
+            BigInteger,
+            nullable=False,
+            server_default=_ZERO,
+            comment="Fencing token: bumped by every transition; a worker records only against "
+            "the version it claimed.",
+        ),
+        Column(
+            "audit_seq",
+            Integer,
+            nullable=False,
+            server_default=_ZERO,
+            comment="seq of the newest audit_log row of this operation.",
+        ),
+        Column(
+            "audit_hash",
+            BYTEA,
+            nullable=True,
+            comment="hash of the newest audit_log row: anchors the chain.",
+        ),
+        Column(
+            "transition",
+            Text,
+            nullable=True,
+            comment="Write-only: the trigger name of the state change in this UPDATE; consumed "
+            "by the audit trigger and always NULL at rest.",
+        ),
+        Column("transition_actor", Text, nullable=True),
+        Column("transition_detail", Text, nullable=True),
+        PrimaryKeyConstraint("id", name="operations_pkey"),
+        UniqueConstraint("idempotency_key", name="operations_idempotency_key_key"),
+        CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
+    )
+    # Claiming scans only claimable rows in claim order.
+    Index(
+        "operations_claimable",
+        operations.c.channel,
+        operations.c.priority.desc(),
+        operations.c.run_at,
+        operations.c.id,
+        postgresql_where=operations.c.state.in_(["pending", "failed"]),
+    )
+    # The rescuer looks for expired leases among claimed rows only.
+    Index(
+        "operations_claimed_lease",
+        operations.c.lease_expires_at,
+        postgresql_where=operations.c.state == "claimed",
+    )
+
+    audit_log = Table(
+        "audit_log",
+        metadata,
+        Column("operation_id", BigInteger, nullable=False),
+        Column("seq", Integer, nullable=False),
+        Column("operation_type", Text, nullable=False),
+        Column("from_state", Text, nullable=True),
+        Column("to_state", Text, nullable=False),
+        Column("trigger", Text, nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("actor", Text, nullable=False),
+        Column("detail", Text, nullable=True),
+        Column("recorded_at", _timestamptz(), nullable=False),
+        Column("prev_hash", BYTEA, nullable=True),
+        Column("hash", BYTEA, nullable=False),
+        PrimaryKeyConstraint("operation_id", "seq", name="audit_log_pkey"),
+        comment="Append-only: one row per state change, written by trigger, sha256-chained per "
+        "operation.",
+    )
+    Index("audit_log_recorded_at", audit_log.c.recorded_at)
+
+    Table(
+        "workers",
+        metadata,
+        Column("id", Text, nullable=False),
+        Column("hostname", Text, nullable=False),
+        Column("pid", Integer, nullable=False),
+        Column("channel", Text, nullable=False),
+        Column("operation_types", ARRAY(Text), nullable=False),
+        Column("started_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("heartbeat_at", _timestamptz(), nullable=False, server_default=_NOW),
+        PrimaryKeyConstraint("id", name="workers_pkey"),
+    )
+    return metadata
+
+
+metadata: Final = build_metadata(DEFAULT_SCHEMA)

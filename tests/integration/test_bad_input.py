@@ -1,0 +1,283 @@
+"""DESIGN §7: bad input gets a clear error naming the bad value, and nothing is written.
+
+The many refusal cases share one schema migrated for this module (nothing should be written
+there, and each test checks that its own counts did not move); tests that do write use the
+per-test ``db_settings`` schema.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pgoutbox import (
+    DatabaseSessionManager,
+    PublishError,
+    migrations,
+    publish_many,
+    publish_operation,
+)
+from pgoutbox.settings import DatabaseSettings
+
+VALID: dict[str, Any] = {
+    "operation_type": "billing.charge",
+    "payload": {"order": 1},
+    "channel": "workflow",
+}
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    for _ in range(depth):
+        payload = {"a": payload}
+    return payload
+
+
+# (argument, bad value, what the error message must contain)
+BAD_ARGUMENTS = [
+    pytest.param("payload", {1, 2}, "type set is not JSON serializable", id="payload-set"),
+    pytest.param(
+        "payload",
+        {"at": datetime(2030, 1, 1, tzinfo=UTC)},
+        "type datetime is not JSON serializable",
+        id="payload-datetime",
+    ),
+    pytest.param("payload", float("nan"), "not NaN or infinity", id="payload-nan"),
+    pytest.param("payload", {"amount": float("inf")}, "not NaN or infinity", id="payload-inf"),
+    pytest.param("payload", {"note": "a\x00b"}, "contains a NUL character", id="payload-nul"),
+    pytest.param("payload", {"k\x00": 1}, "contains a NUL character", id="payload-nul-key"),
+    pytest.param("payload", _nested(5000), "maximum recursion depth", id="payload-too-deep"),
+    pytest.param("channel", "bad;channel", "invalid channel 'bad;channel'", id="channel-semi"),
+    pytest.param("channel", 'x"y', """invalid channel 'x"y'""", id="channel-quote"),
+    pytest.param("channel", "nul\x00", r"invalid channel 'nul\x00'", id="channel-nul"),
+    pytest.param("channel", "Workflow", "invalid channel 'Workflow'", id="channel-upper"),
+    pytest.param("channel", "", "invalid channel ''", id="channel-empty"),
+    pytest.param("channel", None, "invalid channel None", id="channel-none"),
+    pytest.param("channel", "a" * 64, "64 bytes is longer", id="channel-64-bytes"),
+    pytest.param(
+        "operation_type", "bad type!", "invalid operation_type 'bad type!'", id="type-space"
+    ),
+    pytest.param("operation_type", "", "invalid operation_type ''", id="type-empty"),
+    pytest.param("operation_type", ".hidden", "invalid operation_type '.hidden'", id="type-dot"),
+    pytest.param("operation_type", "x" * 201, "at most 200 characters", id="type-too-long"),
+    pytest.param("operation_type", None, "invalid operation_type None", id="type-none"),
+    pytest.param("operation_type", 42, "invalid operation_type 42", id="type-int"),
+    pytest.param(
+        "run_at",
+        datetime(2030, 1, 1, 12, 0),
+        "invalid run_at datetime.datetime(2030, 1, 1, 12, 0): pass a timezone-aware datetime",
+        id="run_at-naive",
+    ),
+    pytest.param(
+        "run_at", "2030-01-01T00:00:00Z", "invalid run_at '2030-01-01T00:00:00Z'", id="run_at-str"
+    ),
+    pytest.param("priority", "1", "invalid priority '1'", id="priority-str"),
+    pytest.param("priority", 1.5, "invalid priority 1.5", id="priority-float"),
+    pytest.param("priority", True, "invalid priority True", id="priority-bool"),
+    pytest.param("priority", 2**31, f"invalid priority {2**31}", id="priority-overflow"),
+    pytest.param("priority", None, "invalid priority None", id="priority-none"),
+    pytest.param("max_attempts", 0, "invalid max_attempts 0", id="max_attempts-zero"),
+    pytest.param("max_attempts", "3", "invalid max_attempts '3'", id="max_attempts-str"),
+    pytest.param("max_attempts", 2.0, "invalid max_attempts 2.0", id="max_attempts-float"),
+    pytest.param("max_attempts", False, "invalid max_attempts False", id="max_attempts-bool"),
+    pytest.param("idempotency_key", "", "invalid idempotency_key ''", id="key-empty"),
+    pytest.param("idempotency_key", 42, "invalid idempotency_key 42", id="key-int"),
+    pytest.param("idempotency_key", "k" * 501, "at most 500 characters", id="key-too-long"),
+]
+
+
+async def _counts(conn: asyncpg.Connection, schema: str) -> tuple[int, int]:
+    """(operations, audit rows) as another connection sees them."""
+    row = await conn.fetchrow(
+        f'SELECT (SELECT count(*) FROM "{schema}".operations), '
+        f'(SELECT count(*) FROM "{schema}".audit_log)'
+    )
+    assert row is not None
+    return row[0], row[1]
+
+
+@pytest.fixture(scope="module")
+async def shared_settings(database_dsn: str) -> AsyncIterator[DatabaseSettings]:
+    """One migrated schema for the refusal cases of this module."""
+    settings = DatabaseSettings(dsn=database_dsn, schema=f"bad_input_{uuid.uuid4().hex[:10]}")
+    await migrations.upgrade(settings)
+    yield settings
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA "{settings.schema_name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="module")
+async def shared_sm(shared_settings: DatabaseSettings) -> AsyncIterator[DatabaseSessionManager]:
+    manager = DatabaseSessionManager(shared_settings)
+    yield manager
+    await manager.close()
+
+
+@pytest.fixture
+async def small_sm(db_settings: DatabaseSettings) -> AsyncIterator[DatabaseSessionManager]:
+    """A session manager whose payload limit is 100 bytes."""
+    manager = DatabaseSessionManager(db_settings.model_copy(update={"max_payload_bytes": 100}))
+    yield manager
+    await manager.close()
+
+
+@pytest.mark.parametrize(("argument", "value", "message"), BAD_ARGUMENTS)
+async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothing(
+    shared_sm: DatabaseSessionManager,
+    shared_settings: DatabaseSettings,
+    conn: asyncpg.Connection,
+    argument: str,
+    value: Any,
+    message: str,
+) -> None:
+    before = await _counts(conn, shared_settings.schema_name)
+    async with shared_sm.session() as session:
+        with pytest.raises(PublishError) as excinfo:
+            await publish_operation(session, **{**VALID, argument: value})
+        await session.commit()
+
+    assert message in str(excinfo.value)
+    assert await _counts(conn, shared_settings.schema_name) == before
+
+
+@pytest.mark.parametrize(("argument", "value", "message"), BAD_ARGUMENTS)
+async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing_of_the_batch(
+    shared_sm: DatabaseSessionManager,
+    shared_settings: DatabaseSettings,
+    conn: asyncpg.Connection,
+    argument: str,
+    value: Any,
+    message: str,
+) -> None:
+    batch = [VALID, {**VALID, "idempotency_key": "fine"}, {**VALID, argument: value}, VALID]
+    before = await _counts(conn, shared_settings.schema_name)
+    async with shared_sm.session() as session:
+        with pytest.raises(PublishError) as excinfo:
+            await publish_many(session, batch)
+        await session.commit()
+
+    assert str(excinfo.value).startswith("operations[2]: ")
+    assert message in str(excinfo.value)
+    assert await _counts(conn, shared_settings.schema_name) == before
+
+
+async def test_payload_over_the_configured_limit_is_refused_with_its_size(
+    small_sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    too_big = {"b": "x" * 92}  # 101 bytes as JSON
+    async with small_sm.session() as session:
+        with pytest.raises(PublishError) as excinfo:
+            await publish_operation(session, "billing.charge", too_big, "workflow")
+        with pytest.raises(PublishError, match=r"^operations\[1\]: payload .* is 101 bytes"):
+            await publish_many(session, [VALID, {**VALID, "payload": too_big}])
+        await session.commit()
+
+    assert str(excinfo.value).startswith(
+        "payload of 'billing.charge' is 101 bytes as JSON, over the limit of 100"
+    )
+    assert "database.max_payload_bytes" in str(excinfo.value)
+    assert await _counts(conn, db_settings.schema_name) == (0, 0)
+
+
+async def test_payload_size_limit_counts_utf8_bytes(
+    small_sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    async with small_sm.session() as session:
+        with pytest.raises(PublishError, match="is 109 bytes as JSON"):
+            await publish_operation(session, "t", {"b": "é" * 50}, "workflow")  # 50 characters
+        await session.commit()
+
+    assert await _counts(conn, db_settings.schema_name) == (0, 0)
+
+
+async def test_payload_exactly_at_the_limit_is_accepted(
+    small_sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    async with small_sm.session() as session:
+        await publish_operation(session, "billing.charge", {"b": "x" * 91}, "workflow")
+        await session.commit()
+
+    assert await _counts(conn, db_settings.schema_name) == (1, 1)
+
+
+async def test_backslash_u0000_text_is_not_mistaken_for_a_nul(
+    sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    path = "C:\\u0000\\dir"  # a backslash followed by "u0000": ordinary text
+    async with sm.session() as session:
+        op_id = await publish_operation(session, "files.copy", {"path": path}, "workflow")
+        await session.commit()
+
+    stored = await conn.fetchval(
+        f"SELECT payload->>'path' FROM \"{db_settings.schema_name}\".operations WHERE id = $1",
+        op_id,
+    )
+    assert stored == path
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        pytest.param({**VALID, "delay": 5}, "unknown argument(s) ['delay']", id="delay"),
+        pytest.param(
+            {**VALID, "idempotency-key": "k", "runat": None},
+            "unknown argument(s) ['idempotency-key', 'runat']",
+            id="typos",
+        ),
+        pytest.param({**VALID, "session": None}, "unknown argument(s) ['session']", id="session"),
+    ],
+)
+async def test_publish_many_refuses_unknown_keys_naming_them_and_writes_nothing(
+    shared_sm: DatabaseSessionManager,
+    shared_settings: DatabaseSettings,
+    conn: asyncpg.Connection,
+    item: dict[str, Any],
+    message: str,
+) -> None:
+    before = await _counts(conn, shared_settings.schema_name)
+    async with shared_sm.session() as session:
+        with pytest.raises(PublishError) as excinfo:
+            await publish_many(session, [VALID, item])
+        await session.commit()
+
+    assert str(excinfo.value).startswith(f"operations[1]: {message}; allowed: ")
+    assert await _counts(conn, shared_settings.schema_name) == before
+
+
+async def test_publish_many_item_without_payload_is_refused(
+    shared_sm: DatabaseSessionManager,
+    shared_settings: DatabaseSettings,
+    conn: asyncpg.Connection,
+) -> None:
+    item = {"operation_type": "billing.charge", "channel": "workflow"}
+    before = await _counts(conn, shared_settings.schema_name)
+    async with shared_sm.session() as session:
+        with pytest.raises(PublishError, match=r"^operations\[0\]: payload is required"):
+            await publish_many(session, [item])
+        await session.commit()
+
+    assert await _counts(conn, shared_settings.schema_name) == before
+
+
+async def test_refused_publish_leaves_the_callers_transaction_usable(
+    sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    async with sm.session() as session:
+        before = await publish_operation(session, **VALID)
+        with pytest.raises(PublishError):
+            await publish_operation(session, **{**VALID, "payload": {1, 2}})
+        with pytest.raises(PublishError):
+            await publish_many(session, [VALID, {**VALID, "channel": "bad;channel"}])
+        after = await publish_operation(session, **VALID)
+        await session.commit()
+
+    rows = await conn.fetch(f'SELECT id FROM "{db_settings.schema_name}".operations ORDER BY id')
+    assert [r["id"] for r in rows] == [before, after]
