@@ -13,8 +13,10 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import asyncpg
 import click
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from pgoutbox import migrations
 from pgoutbox.audit import verify
@@ -26,7 +28,15 @@ T = TypeVar("T")
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    """Run a command's coroutine; a database that can't be reached or used exits 2 with a
+    one-line reason (exit 1 is kept for "the check failed", e.g. a broken audit chain)."""
+    try:
+        return asyncio.run(coro)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
+        click.echo(
+            f"error: database unavailable or not usable: {type(exc).__name__}: {exc}", err=True
+        )
+        sys.exit(2)
 
 
 class _Context:

@@ -7,7 +7,7 @@ Settings come from keyword arguments (as in the Quickstart), from environment va
 from __future__ import annotations
 
 import re
-from typing import Any, Self
+from typing import Any, Literal, Self
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -49,7 +49,10 @@ class DatabaseSettings(BaseModel):
     fills the fields it names; fields given alongside it take precedence.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # hide_input_in_errors: a validation error must not print the dsn or password it was given.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, hide_input_in_errors=True
+    )
 
     host: str = "localhost"
     port: int = Field(default=5432, ge=1, le=65535)
@@ -64,6 +67,9 @@ class DatabaseSettings(BaseModel):
         default="pgoutbox", validation_alias=AliasChoices("schema", "schema_name")
     )
     dsn: str | None = Field(default=None, repr=False)
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        None
+    )
     pool_size: int = Field(default=10, ge=1, description="connections per engine/pool")
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1, description="largest JSON payload accepted"
@@ -90,6 +96,7 @@ class DatabaseSettings(BaseModel):
             "password": self.password or None,
             "database": self.database,
             "server_settings": {"application_name": self.application_name},
+            **({"ssl": self.sslmode} if self.sslmode else {}),
         }
 
 
@@ -98,7 +105,8 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
     parts = urlsplit(dsn)
     scheme = parts.scheme.split("+", 1)[0]
     if scheme not in ("postgresql", "postgres"):
-        raise ValueError(f"invalid dsn {dsn!r}: expected a postgresql:// URL")
+        # The dsn itself is not echoed: it may hold a password.
+        raise ValueError(f"invalid dsn scheme {parts.scheme!r}: expected a postgresql:// URL")
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
     fields: dict[str, Any] = {}
     if parts.hostname or "host" in query:
@@ -112,8 +120,15 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
         fields["password"] = unquote(parts.password)
     if parts.path.strip("/"):
         fields["database"] = unquote(parts.path.strip("/"))
-    if "application_name" in query:
-        fields["application_name"] = query["application_name"]
+    unsupported = sorted(set(query) - {"host", "port", "application_name", "sslmode"})
+    if unsupported:
+        raise ValueError(
+            f"unsupported dsn parameter(s) {unsupported}: pgoutbox understands host, port, "
+            "application_name and sslmode; set other options in DatabaseSettings fields"
+        )
+    for key in ("application_name", "sslmode"):
+        if key in query:
+            fields[key] = query[key]
     return fields
 
 

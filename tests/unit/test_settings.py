@@ -162,7 +162,7 @@ def test_fields_given_alongside_a_dsn_take_precedence() -> None:
 
 
 def test_dsn_of_another_database_kind_is_rejected_naming_it() -> None:
-    with pytest.raises(ValidationError, match=r"invalid dsn 'mysql://u@h/db'"):
+    with pytest.raises(ValidationError, match=r"invalid dsn scheme 'mysql'"):
         DatabaseSettings(dsn="mysql://u@h/db")
 
 
@@ -246,3 +246,16 @@ def test_password_is_kept_out_of_repr() -> None:
     assert "hunter2" not in repr(settings)
     assert "hunter2" not in repr(from_dsn)
     assert "hunter2" not in str(from_dsn)
+
+
+def test_dsn_sslmode_reaches_the_driver_and_unknown_parameters_are_refused() -> None:
+    settings = DatabaseSettings(dsn="postgresql://u@h/db?sslmode=require")
+    assert settings.connect_kwargs()["ssl"] == "require"
+    with pytest.raises(ValidationError, match=r"unsupported dsn parameter\(s\) \['options'\]"):
+        DatabaseSettings(dsn="postgresql://u@h/db?options=-csearch_path%3Dx")
+
+
+def test_a_bad_dsn_error_does_not_echo_the_password() -> None:
+    with pytest.raises(ValidationError) as raised:
+        DatabaseSettings(dsn="mysql://u:s3cret@h/db")
+    assert "s3cret" not in str(raised.value)
