@@ -27,6 +27,7 @@ H = TypeVar("H", bound=Handler)
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:-]*(\.[A-Za-z0-9_][A-Za-z0-9_:-]*)*")
 DEFAULT_MAX_ATTEMPTS = 5
+_MAX_BACKOFF_SECONDS = 10 * 365 * 24 * 3600
 
 
 class RouterError(ValueError):
@@ -36,17 +37,25 @@ class RouterError(ValueError):
 @dataclass(frozen=True)
 class RetryPolicy:
     """How long to wait before attempt n+1: ``min(max_seconds, base_seconds * 2**(n-1))``,
-    shortened by up to ``jitter`` (a fraction) at random. Computed by the database."""
+    shortened by up to ``jitter`` (a fraction) at random. Computed by the database.
+    ``max_seconds`` is at most ten years."""
 
     base_seconds: float = 1.0
     max_seconds: float = 300.0
     jitter: float = 0.2
 
     def __post_init__(self) -> None:
-        if not (self.base_seconds >= 0 and self.max_seconds >= self.base_seconds):
+        for name in ("base_seconds", "max_seconds", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RouterError(f"invalid RetryPolicy {name}={value!r}: a number")
+        # The bound keeps the database's backoff arithmetic finite: PostgreSQL turns an infinite
+        # or huge interval into an error (or, for infinity, a negative interval).
+        if not (0 <= self.base_seconds <= self.max_seconds <= _MAX_BACKOFF_SECONDS):
             raise RouterError(
                 f"invalid RetryPolicy(base_seconds={self.base_seconds}, "
-                f"max_seconds={self.max_seconds}): need 0 <= base_seconds <= max_seconds"
+                f"max_seconds={self.max_seconds}): need 0 <= base_seconds <= max_seconds "
+                f"<= {_MAX_BACKOFF_SECONDS} (ten years)"
             )
         if not 0 <= self.jitter <= 1:
             raise RouterError(f"invalid RetryPolicy jitter={self.jitter}: a fraction in [0, 1]")

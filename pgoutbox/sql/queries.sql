@@ -52,7 +52,8 @@ FROM unnest(CAST(:idempotency_keys AS text[]), CAST(:operation_types AS text[]),
 JOIN {s}.operations o ON o.idempotency_key = given.idempotency_key;
 
 -- name: operations_claim_batch
--- Lock due operations of this channel and these types, oldest first, and lease them.
+-- Lock due operations of this channel and these types, highest priority then oldest first,
+-- lease them, and return them in that order (the order the work loops start them in).
 -- MATERIALIZED: the planner must not fold the CTE into the UPDATE, or the LIMIT and the
 -- SKIP LOCKED row locks would no longer be applied once, before the update.
 WITH due AS MATERIALIZED (
@@ -65,16 +66,21 @@ WITH due AS MATERIALIZED (
     ORDER BY priority DESC, run_at, id
     LIMIT :batch_size
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE {s}.operations o
+    SET state = 'claimed', transition = 'claim', transition_actor = :worker_id,
+        attempts = o.attempts + 1, version = o.version + 1,
+        lease_owner = :worker_id,
+        lease_expires_at = now() + make_interval(secs => :lease_seconds)
+    FROM due
+    WHERE o.id = due.id
+    RETURNING o.id, o.operation_type, o.payload, o.attempts, o.max_attempts, o.version,
+              o.idempotency_key, o.priority, o.run_at
 )
-UPDATE {s}.operations o
-SET state = 'claimed', transition = 'claim', transition_actor = :worker_id,
-    attempts = o.attempts + 1, version = o.version + 1,
-    lease_owner = :worker_id,
-    lease_expires_at = now() + make_interval(secs => :lease_seconds)
-FROM due
-WHERE o.id = due.id
-RETURNING o.id, o.operation_type, o.payload, o.attempts, o.max_attempts, o.version,
-          o.idempotency_key;
+-- RETURNING has no defined order: sort explicitly.
+SELECT id, operation_type, payload, attempts, max_attempts, version, idempotency_key
+FROM claimed
+ORDER BY priority DESC, run_at, id;
 
 -- name: operations_record_success
 -- Fenced: only the attempt that still holds the lease (same version) can succeed.
@@ -97,7 +103,8 @@ SET state = CASE WHEN f.give_up OR o.attempts >= f.max_attempts THEN 'dead' ELSE
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL,
     run_at = CASE WHEN f.give_up OR o.attempts >= f.max_attempts THEN o.run_at
              ELSE now() + make_interval(secs => least(f.backoff_max,
-                      f.backoff_base * power(2, o.attempts - 1))
+                      -- capped exponent: 2^1024 overflows float8 and would fail the batch
+                      f.backoff_base * power(2, least(o.attempts - 1, 64)))
                       * (1 - f.jitter * random())) END
 FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:errors AS text[]),
             CAST(:details AS text[]), CAST(:give_ups AS boolean[]),
@@ -212,3 +219,188 @@ LIMIT 1;
 -- name: audit_log_count
 -- How many audit rows there are (for progress reporting).
 SELECT count(*) FROM {s}.audit_log;
+
+-- =============================================================================================
+-- admin
+-- The operator tools (pgoutbox.admin, behind `pgoutbox ops`, `stats`, `workers` and
+-- `audit report`). Kept together at the end of the file, apart from the worker's queries above.
+-- =============================================================================================
+
+-- name: database_now
+-- The database's clock (relative times such as "7d ago" are resolved against it).
+SELECT now();
+
+-- name: operations_admin_list
+-- Operations matching an operator's filters, newest first, each with why it is stale (if it
+-- is): "unhandled" (pending/failed, and no live worker of its channel handles its type),
+-- "overdue" (pending/failed and due for longer than the threshold), "lease_expired" (claimed,
+-- its lease expired longer than the threshold ago and nobody rescued it).
+SELECT *
+FROM (
+    SELECT o.id, o.operation_type, o.channel, o.lifecycle, o.state, o.attempts, o.max_attempts,
+           o.priority, o.run_at, o.idempotency_key, o.created_at, o.created_by, o.updated_at,
+           o.last_error, o.lease_owner, o.lease_expires_at, o.version,
+           CASE
+               WHEN o.state IN ('pending', 'failed') AND NOT EXISTS (
+                   SELECT 1 FROM {s}.workers w
+                   WHERE w.channel = o.channel AND o.operation_type = ANY(w.operation_types)
+                     AND w.heartbeat_at > now() - make_interval(secs => :live_within_seconds)
+               ) THEN 'unhandled'
+               WHEN o.state IN ('pending', 'failed')
+                    AND o.run_at < now() - make_interval(secs => :older_than_seconds)
+                   THEN 'overdue'
+               WHEN o.state = 'claimed'
+                    AND o.lease_expires_at < now() - make_interval(secs => :older_than_seconds)
+                   THEN 'lease_expired'
+           END AS stale_reason
+    FROM {s}.operations o
+    WHERE (CAST(:states AS text[]) IS NULL OR o.state = ANY(CAST(:states AS text[])))
+      AND (CAST(:type_patterns AS text[]) IS NULL
+           OR o.operation_type LIKE ANY(CAST(:type_patterns AS text[])))
+      AND (CAST(:channels AS text[]) IS NULL OR o.channel = ANY(CAST(:channels AS text[])))
+      AND (CAST(:since AS timestamptz) IS NULL OR o.created_at >= CAST(:since AS timestamptz))
+      AND (CAST(:until AS timestamptz) IS NULL OR o.created_at < CAST(:until AS timestamptz))
+      AND (NOT CAST(:stale AS boolean) OR o.state IN ('pending', 'failed', 'claimed'))
+) listed
+WHERE NOT CAST(:stale AS boolean) OR stale_reason IS NOT NULL
+ORDER BY id DESC
+LIMIT :limit;
+
+-- name: operations_admin_get
+-- One operation with its payload (as JSON text), for `pgoutbox ops show`.
+SELECT id, operation_type, channel, lifecycle, state, attempts, max_attempts, priority, run_at,
+       idempotency_key, created_at, created_by, updated_at, last_error, lease_owner,
+       lease_expires_at, version, CAST(payload AS text) AS payload
+FROM {s}.operations
+WHERE id = :id;
+
+-- name: audit_log_of_operation
+-- One operation's audit chain in order (it outlives the operation row when that is purged).
+SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, detail,
+       recorded_at, prev_hash, hash
+FROM {s}.audit_log
+WHERE operation_id = :operation_id
+ORDER BY seq;
+
+-- name: operations_lock_for_admin
+-- The operation an operator acts on, locked until the action commits (so the state named in a
+-- refusal is the state the database refused).
+SELECT id, state, lifecycle FROM {s}.operations WHERE id = :id FOR UPDATE;
+
+-- name: operations_retry
+-- Operator: run a failed operation now. The audit trigger records it and refuses other states.
+WITH retried AS (
+    UPDATE {s}.operations o
+    SET state = 'pending', transition = 'retry', transition_actor = :actor,
+        transition_detail = :reason, run_at = now(), version = o.version + 1
+    WHERE o.id = :id
+    RETURNING o.id, o.channel, o.state
+)
+SELECT id, state, pg_notify(channel, id::text) FROM retried;
+
+-- name: operations_cancel
+-- Operator: cancel a pending or failed operation (audited; other states are refused).
+UPDATE {s}.operations o
+SET state = 'cancelled', transition = 'cancel', transition_actor = :actor,
+    transition_detail = :reason, version = o.version + 1
+WHERE o.id = :id
+RETURNING o.id, o.state;
+
+-- name: operations_replay
+-- Operator: run a dead or cancelled operation again, now. attempts keeps counting (the audit
+-- trail's attempt numbers stay unique); extra_attempts, when given, allows that many more.
+WITH replayed AS (
+    UPDATE {s}.operations o
+    SET state = 'pending', transition = 'replay', transition_actor = :actor,
+        transition_detail = :reason, run_at = now(), version = o.version + 1,
+        max_attempts = coalesce(o.attempts + CAST(:extra_attempts AS integer), o.max_attempts)
+    WHERE o.id = :id
+    RETURNING o.id, o.channel, o.state
+)
+SELECT id, state, pg_notify(channel, id::text) FROM replayed;
+
+-- name: audit_log_report
+-- Every audit row recorded in [since, until), optionally of some operation types, in the
+-- order it was recorded: the compliance report.
+SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, detail,
+       recorded_at, prev_hash, hash
+FROM {s}.audit_log
+WHERE recorded_at >= :since AND recorded_at < :until
+  AND (CAST(:type_patterns AS text[]) IS NULL
+       OR operation_type LIKE ANY(CAST(:type_patterns AS text[])))
+ORDER BY recorded_at, operation_id, seq;
+
+-- name: operations_count_by_type_and_state
+-- Operations per type and state, and how long the oldest due pending one has waited.
+SELECT operation_type, state, count(*) AS operations,
+       CAST(EXTRACT(epoch FROM now() - min(run_at) FILTER (
+           WHERE state = 'pending' AND run_at <= now())) AS float8) AS oldest_pending_seconds
+FROM {s}.operations
+GROUP BY operation_type, state
+ORDER BY operation_type, state;
+
+-- name: operations_oldest_pending
+-- The due pending operation that has waited longest (no row: none waiting).
+SELECT id, CAST(EXTRACT(epoch FROM now() - run_at) AS float8) AS waiting_seconds
+FROM {s}.operations
+WHERE state = 'pending' AND run_at <= now()
+ORDER BY run_at, id
+LIMIT 1;
+
+-- name: audit_log_attempt_outcomes
+-- Attempt outcomes recorded since a time, per type; all but "succeed" count as failed.
+SELECT operation_type, count(*) AS finished,
+       count(*) FILTER (WHERE trigger <> 'succeed') AS failed
+FROM {s}.audit_log
+WHERE recorded_at >= :since AND from_state = 'claimed'
+  AND trigger IN ('succeed', 'fail', 'give_up', 'lose')
+GROUP BY operation_type;
+
+-- name: workers_admin_list
+-- Registered workers, whether each is live (heartbeat recent enough), and what each holds.
+SELECT w.id, w.hostname, w.pid, w.channel, w.operation_types, w.started_at, w.heartbeat_at,
+       CAST(EXTRACT(epoch FROM now() - w.heartbeat_at) AS float8) AS heartbeat_age_seconds,
+       w.heartbeat_at > now() - make_interval(secs => :live_within_seconds) AS live,
+       ARRAY(SELECT o.id FROM {s}.operations o
+             WHERE o.state = 'claimed' AND o.lease_owner = w.id ORDER BY o.id) AS held
+FROM {s}.workers w
+ORDER BY w.channel, w.started_at, w.id;
+
+-- name: operations_count_purgeable
+-- What a purge would delete: finished operations in these states, finished before a time.
+SELECT state, count(*) AS operations
+FROM {s}.operations
+WHERE state = ANY(CAST(:states AS text[])) AND updated_at < :finished_before
+GROUP BY state
+ORDER BY state;
+
+-- name: purges_start
+-- Record that a purge begins (its count grows with every batch).
+INSERT INTO {s}.purges (actor, finished_before, include_dead, batch_size)
+VALUES (:actor, :finished_before, :include_dead, :batch_size)
+RETURNING id, started_at;
+
+-- name: operations_purge_batch
+-- Delete one batch of finished operations and add its count to the purge's record, in one
+-- transaction. Their audit rows stay. MATERIALIZED: the LIMIT and the row locks apply once,
+-- before the delete; SKIP LOCKED leaves rows an operator is replaying right now alone.
+WITH doomed AS MATERIALIZED (
+    SELECT id
+    FROM {s}.operations
+    WHERE state = ANY(CAST(:states AS text[])) AND updated_at < :finished_before
+    ORDER BY id
+    LIMIT :batch_size
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM {s}.operations o USING doomed WHERE o.id = doomed.id RETURNING o.state
+), counted AS (
+    SELECT count(*) AS n FROM deleted
+), recorded AS (
+    UPDATE {s}.purges p SET deleted = p.deleted + counted.n FROM counted WHERE p.id = :purge_id
+)
+SELECT state, count(*) AS operations FROM deleted GROUP BY state;
+
+-- name: purges_finish
+-- Record that a purge completed.
+UPDATE {s}.purges SET finished_at = clock_timestamp() WHERE id = :purge_id
+RETURNING finished_at;

@@ -6,7 +6,8 @@ Three kinds of loop share the in-flight table:
   room, and sleeps until woken (notification, a freed slot, the next ``run_at``, or the poll
   interval);
 - ``n_workers`` work loops take claimed operations from a queue and run their handlers;
-- the record loop writes every outcome that has piled up in one fenced statement per kind.
+- the record loop writes every outcome that has piled up in one transaction, one fenced
+  statement per kind.
 
 An operation stays in flight (its lease extended by the heartbeat) from its claim until its
 outcome is committed, so a crash at any point leaves it ``claimed`` until the rescuer finds
@@ -96,6 +97,7 @@ class Dispatcher:
         self._idle = asyncio.Event()
         self._claiming = True
         self._record_lock = asyncio.Lock()  # one flush at a time: stop() flushes too
+        self._claim_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
 
@@ -103,8 +105,9 @@ class Dispatcher:
 
     def start(self) -> None:
         """Start the claim, work and record loops."""
+        self._claim_task = asyncio.create_task(self._claim_loop(), name="pgoutbox-claim")
         self._tasks = [
-            asyncio.create_task(self._claim_loop(), name="pgoutbox-claim"),
+            self._claim_task,
             asyncio.create_task(self._record_loop(), name="pgoutbox-record"),
         ]
         for i in range(self._settings.n_workers):
@@ -124,11 +127,16 @@ class Dispatcher:
         what is left (claimed but not started, or still running) in an audited transition."""
         self._claiming = False
         self.wake()
+        # Let a claim already sent finish, so what it leases is queued (and handed back below)
+        # rather than left claimed with nobody holding it.
+        if self._claim_task is not None:
+            await asyncio.wait([self._claim_task], timeout=grace_seconds)
+            self._claim_task.cancel()
         not_started = []
         while not self._queue.empty():
             not_started.append(self._queue.get_nowait())
-        # Not started: nothing happened outside, so hand them back at once.
-        await self._release(not_started)
+        # Not started: nothing happened outside, so hand them back at once, whatever on_lost.
+        await self._release(not_started, started=False)
         if self.in_flight:
             self._idle.clear()
             self._record_wake.set()
@@ -145,7 +153,7 @@ class Dispatcher:
         await asyncio.gather(*self._running, return_exceptions=True)
         await self._flush()
         # Still in flight now: handlers that were cancelled mid-run.
-        await self._release(list(self.in_flight.values()))
+        await self._release(list(self.in_flight.values()), started=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -249,6 +257,14 @@ class Dispatcher:
             return Outcome(op, exc, give_up=True)
         except Exception as exc:
             return Outcome(op, exc)
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # stop() is cancelling this work loop
+            # Leaked from inside the handler (e.g. it awaited a task someone else cancelled):
+            # an ordinary failure. Letting it propagate would end this work loop and leave the
+            # operation claimed, its lease extended by the heartbeat for ever.
+            return Outcome(op, exc)
 
     async def _execute_transactional(
         self, op: Claimed, payload: Any, ctx_logger: logging.LoggerAdapter[logging.Logger]
@@ -306,12 +322,12 @@ class Dispatcher:
                 try:
                     await self._record(batch)
                     break
-                except CONNECTION_ERRORS as exc:
+                except (*CONNECTION_ERRORS, asyncpg.TransactionRollbackError) as exc:
+                    # Unreachable, or chosen as a deadlock victim (the heartbeat locks the same
+                    # rows): the batch's transaction rolled back, so a retry starts afresh.
                     log.warning("recording %d outcomes failed (%s); retrying", len(batch), exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
-                    # The first statement may have committed before the connection dropped;
-                    # fencing makes the retry safe (it simply matches nothing for those).
                 except Exception:
                     # Not a connection problem: leave these operations claimed; the rescuer
                     # moves them on when their lease expires, and the audit shows it.
@@ -336,7 +352,9 @@ class Dispatcher:
             for o in batch
             if o.lease_lost
         }
-        async with self._pool.acquire() as conn:
+        # One transaction for the batch: after a dropped connection the retry must not find its
+        # own committed successes and refuse them as if another worker had taken the lease.
+        async with self._pool.acquire() as conn, conn.transaction():
             if successes:
                 q = self._q["operations_record_success"]
                 rows = await conn.fetch(
@@ -391,7 +409,9 @@ class Dispatcher:
             "worker_id": self.worker_id,
         }
 
-    async def _release(self, ops: list[Claimed]) -> None:
+    async def _release(self, ops: list[Claimed], *, started: bool) -> None:
+        """Hand ``ops`` back. A started handler may have acted outside, so ``on_lost="dead"``
+        applies to it; one that never started is simply pending again."""
         if not ops:
             return
         q = self._q["operations_release"]
@@ -402,7 +422,7 @@ class Dispatcher:
                     *q.args(
                         ids=[op.id for op in ops],
                         versions=[op.version for op in ops],
-                        on_lost_dead=[op.spec.on_lost == "dead" for op in ops],
+                        on_lost_dead=[started and op.spec.on_lost == "dead" for op in ops],
                         worker_id=self.worker_id,
                     ),
                 )
@@ -412,8 +432,15 @@ class Dispatcher:
             self.in_flight.pop(op.id, None)
 
 
+def _storable(text: str) -> str:
+    """``text`` with what PostgreSQL's text type refuses spelled out: NUL characters, and lone
+    surrogates (e.g. from undecodable bytes) that are not valid UTF-8. Either, in one error
+    message, would fail the whole recording batch."""
+    return text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _error_line(error: BaseException | None) -> str:
-    return f"{type(error).__name__}: {error}" if error is not None else ""
+    return _storable(f"{type(error).__name__}: {error}") if error is not None else ""
 
 
 def _error_detail(outcome: Outcome, limit: int) -> str:
@@ -423,7 +450,7 @@ def _error_detail(outcome: Outcome, limit: int) -> str:
     assert error is not None
     verdict = "not retried (DoNotRetry)" if outcome.give_up else f"of {op.max_attempts}"
     head = f"attempt {op.attempt} {verdict}: {_error_line(error)}\n"
-    text = head + "".join(traceback.format_exception(error))
+    text = head + _storable("".join(traceback.format_exception(error)))
     if len(text) <= limit:
         return text
     marker = f"\n... [{len(text) - limit} characters truncated] ...\n"

@@ -211,8 +211,11 @@ class Listener(Service):
             try:
                 await self._conn.fetchval("SELECT 1", timeout=max(self.interval, 1.0))
                 return ListenerResult(True, False)
-            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
-                log.warning("listener connection is unhealthy; reconnecting")
+            except Exception as exc:
+                # Any failure of a trivial query on this dedicated connection means it is
+                # unusable, including asyncpg's InternalClientError when the server has just
+                # terminated the backend and the client has not yet seen the socket close.
+                log.warning("listener connection is unhealthy (%r); reconnecting", exc)
                 self._conn.terminate()
         self._conn = None
         conn = await asyncpg.connect(timeout=10, **self._settings.connect_kwargs())

@@ -1,0 +1,206 @@
+"""The seed README's Quickstart, run as a user would: a separate Python process executing the
+code block as written, against the test server."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from pgoutbox.settings import parse_dsn
+
+# Copied exactly from the Quickstart of the seed README (spec/seed-README.md).
+QUICKSTART = """\
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+from pgoutbox import (
+    WorkflowRouter,
+    WorkflowSystem,
+    Settings,
+    DatabaseSessionManager,
+    publish_operation,
+)
+
+router = WorkflowRouter()
+
+
+@router.on("demo.hello", transactional=False)
+async def handle_demo(ctx, payload):
+    # payload is the persisted operation payload
+    # ctx.session is None unless transactional=True is required
+    print("got:", payload)
+
+
+async def main() -> None:
+    settings = Settings(
+        database={
+            "host": "localhost",
+            "port": 5432,
+            "user": "postgres",
+            "password": "postgres",
+            "database": "postgres",
+            "application_name": "pgoutbox",
+            "schema": "pgoutbox",
+        },
+        workflow_system={
+            "channel": "workflow",
+            "n_workers": 5,
+        },
+    )
+
+    system = WorkflowSystem(router=router, settings=settings)
+    await system.start()
+
+    # Record intent from your application code
+    sm = DatabaseSessionManager(settings.database)
+    async with sm.session() as session:
+        await publish_operation(
+            session,
+            operation_type="demo.hello",
+            payload={"msg": "hi"},
+            channel=settings.workflow_system.channel,
+        )
+        # IMPORTANT: publish_operation does NOT commit
+        await session.commit()
+
+    # Delayed execution
+    async with sm.session() as session:
+        await publish_operation(
+            session,
+            operation_type="demo.hello",
+            payload={"msg": "later"},
+            channel=settings.workflow_system.channel,
+            run_at=datetime.now(timezone.utc) + timedelta(seconds=10),
+        )
+        await session.commit()
+
+    # ... your app runs ...
+
+    await system.stop()
+    await sm.close()
+
+
+asyncio.run(main())
+"""
+
+# The one change to the code itself: the Quickstart stops the worker right after publishing, so
+# whether "hi" ran before stop() would be a race. A pause where the app "runs" settles it.
+APP_RUNS = "    # ... your app runs ...\n"
+APP_RUNS_FOR_A_SECOND = APP_RUNS + "    await asyncio.sleep(1)\n"
+
+
+def quickstart_for(database_dsn: str, schema: str) -> str:
+    """The Quickstart pointed at the test server and a schema of its own, then checks."""
+    fields = parse_dsn(database_dsn)
+    script = QUICKSTART
+    replacements = {
+        '"host": "localhost",': f'"host": {fields["host"]!r},',
+        '"port": 5432,': f'"port": {fields.get("port", 5432)!r},',
+        '"user": "postgres",': f'"user": {fields.get("user", "postgres")!r},',
+        '"database": "postgres",': f'"database": {fields["database"]!r},',
+        '"schema": "pgoutbox",': f'"schema": {schema!r},',
+        APP_RUNS: APP_RUNS_FOR_A_SECOND,
+    }
+    if fields.get("password"):
+        replacements['"password": "postgres",'] = f'"password": {fields["password"]!r},'
+    for old, new in replacements.items():
+        assert script.count(old) == 1, f"the Quickstart no longer contains {old!r}"
+        script = script.replace(old, new)
+    connect = {key: fields[key] for key in ("host", "port", "user", "password") if key in fields}
+    return script + CHECKS.format(connect=connect, database=fields["database"], schema=schema)
+
+
+CHECKS = """
+# -- appended by tests/acceptance/test_quickstart.py ---------------------------------------------
+import json
+
+import asyncpg
+
+
+async def check() -> None:
+    conn = await asyncpg.connect(database={database!r}, **{connect!r})
+    try:
+        rows = await conn.fetch(
+            'SELECT payload, state, extract(epoch FROM run_at - created_at) AS delay '
+            'FROM "{schema}".operations ORDER BY id'
+        )
+    finally:
+        await conn.close()
+    ops = [(json.loads(r["payload"]), r["state"], float(r["delay"])) for r in rows]
+    assert [(payload, state) for payload, state, _ in ops] == [
+        ({{"msg": "hi"}}, "succeeded"),
+        ({{"msg": "later"}}, "pending"),
+    ], ops
+    assert 9 < ops[1][2] < 11, f"'later' should be due about 10 s after it was published: {{ops}}"
+    print("quickstart checks passed")
+
+
+asyncio.run(check())
+"""
+
+
+SEED_README = Path(__file__).resolve().parents[3] / "shared" / "spec" / "seed-README.md"
+
+
+def test_the_quickstart_here_is_the_seed_readmes_word_for_word() -> None:
+    if not SEED_README.exists():
+        pytest.skip(f"no seed README at {SEED_README}")
+    block = SEED_README.read_text().split("## Quickstart", 1)[1].split("```python\n", 1)[1]
+    assert block.split("```", 1)[0] == QUICKSTART
+
+
+@pytest.fixture
+async def quickstart_schema(database_dsn: str) -> AsyncIterator[str]:
+    """A schema name no one uses yet; dropped afterwards with whatever the Quickstart made."""
+    schema = f"quickstart_{uuid.uuid4().hex[:10]}"
+    yield schema
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+async def test_the_readme_quickstart_runs_as_written(
+    database_dsn: str, quickstart_schema: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "quickstart.py"
+    script.write_text(quickstart_for(database_dsn, quickstart_schema))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PGOUTBOX_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    output = stdout.decode() + stderr.decode()
+    assert process.returncode == 0, output
+    assert "got: {'msg': 'hi'}" in stdout.decode().splitlines()
+    assert "got: {'msg': 'later'}" not in stdout.decode()
+    assert "quickstart checks passed" in stdout.decode()
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        trail = await conn.fetch(
+            f'SELECT operation_id, trigger FROM "{quickstart_schema}".audit_log '
+            "ORDER BY operation_id, seq"
+        )
+    finally:
+        await conn.close()
+    hi, later = sorted({row["operation_id"] for row in trail})
+    assert [r["trigger"] for r in trail if r["operation_id"] == hi] == [
+        "publish",
+        "claim",
+        "succeed",
+    ]
+    assert [r["trigger"] for r in trail if r["operation_id"] == later] == ["publish"]
