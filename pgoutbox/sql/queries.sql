@@ -123,12 +123,21 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:details AS text[])) AS r(id, detail)
 WHERE o.id = r.id;
 
 -- name: operations_extend_leases
--- Heartbeat: push the lease of what this worker still holds; returns the ids still held.
+-- Heartbeat: push the lease of what this worker still holds; returns the ids extended.
+-- SKIP LOCKED: a row locked right now is being recorded (by this worker, whose recorder locks
+-- rows in another order: waiting could deadlock) or rescued; its lease no longer matters.
+WITH held AS MATERIALIZED (
+    SELECT o.id
+    FROM {s}.operations o
+    JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[])) AS given(id, version)
+      ON o.id = given.id AND o.version = given.version
+    WHERE o.state = 'claimed' AND o.lease_owner = :worker_id
+    FOR UPDATE OF o SKIP LOCKED
+)
 UPDATE {s}.operations o
 SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
-FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[])) AS held(id, version)
-WHERE o.id = held.id AND o.version = held.version AND o.state = 'claimed'
-  AND o.lease_owner = :worker_id
+FROM held
+WHERE o.id = held.id
 RETURNING o.id;
 
 -- name: operations_rescue_expired
@@ -191,6 +200,12 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
 -- name: workers_heartbeat
 -- Mark a worker alive.
 UPDATE {s}.workers SET heartbeat_at = now() WHERE id = :worker_id;
+
+-- name: workers_prune
+-- Forget workers whose heartbeat stopped long ago (killed without a graceful stop).
+DELETE FROM {s}.workers
+WHERE heartbeat_at < now() - make_interval(secs => :stale_seconds)
+RETURNING id;
 
 -- name: workers_unregister
 -- Remove a worker that stopped.

@@ -56,6 +56,7 @@ class Claimed:
     version: int
     idempotency_key: str
     spec: HandlerSpec
+    finished: bool = False  # the handler is done: the heartbeat leaves it to the recorder
 
 
 @dataclass(slots=True)
@@ -119,8 +120,8 @@ class Dispatcher:
         self._wake.set()
 
     def held_versions(self) -> dict[int, int]:
-        """Operation id -> claimed version of everything in flight (for the heartbeat)."""
-        return {op_id: op.version for op_id, op in self.in_flight.items()}
+        """Operation id -> claimed version of what is queued or running (for the heartbeat)."""
+        return {op_id: op.version for op_id, op in self.in_flight.items() if not op.finished}
 
     async def stop(self, grace_seconds: float) -> None:
         """Stop claiming; let running handlers finish for up to ``grace_seconds``; release
@@ -151,7 +152,12 @@ class Dispatcher:
         for task in self._running:
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        await self._flush()
+        try:
+            # Bounded: with the database unreachable, stop() must still return. What is not
+            # recorded stays claimed and is rescued when its lease expires.
+            await asyncio.wait_for(self._flush(), max(grace_seconds, 1.0))
+        except TimeoutError:
+            log.warning("could not record the last outcomes in time; the rescuer will")
         # Still in flight now: handlers that were cancelled mid-run.
         await self._release(list(self.in_flight.values()), started=True)
         for task in self._tasks:
@@ -238,6 +244,7 @@ class Dispatcher:
         while True:
             op = await self._queue.get()
             outcome = await self._execute(op)
+            op.finished = True
             self._outcomes.append(outcome)
             self._record_wake.set()
 
@@ -274,14 +281,16 @@ class Dispatcher:
         # The handler's writes and the success transition share this one transaction: the
         # commit makes both visible or neither. Any exception (the handler's, a lost lease, or
         # the commit's own) rolls it all back and is recorded as this attempt's failure.
-        async with self._sessions() as session, session.begin():
-            await op.spec.fn(self._context(op, GuardedSession(session), ctx_logger), payload)
-            recorded = await session.execute(
-                q.clause(),
-                {"ids": [op.id], "versions": [op.version], "worker_id": self.worker_id},
-            )
-            if recorded.first() is None:
-                raise LeaseLost(op.id)
+        async with self._sessions() as session:
+            async with session.begin():
+                await op.spec.fn(self._context(op, GuardedSession(session), ctx_logger), payload)
+                recorded = await session.execute(
+                    q.clause(),
+                    {"ids": [op.id], "versions": [op.version], "worker_id": self.worker_id},
+                )
+                if recorded.first() is None:
+                    raise LeaseLost(op.id)
+            op.finished = True  # committed: nothing left for the heartbeat to extend
         return Outcome(op, committed=True)
 
     def _context(

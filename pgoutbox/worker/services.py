@@ -78,10 +78,11 @@ class Service(ABC):
 
 @dataclass(frozen=True)
 class HeartbeatResult:
-    """Leases extended, and operations found no longer held (their lease was lost)."""
+    """Leases extended, and operations not extended: no longer held (finished, or their lease
+    was lost) or locked at that moment by their own recording or by a rescue."""
 
     extended: int
-    lost: tuple[int, ...]
+    not_extended: tuple[int, ...]
 
 
 class Heartbeat(Service):
@@ -120,22 +121,27 @@ class Heartbeat(Service):
                 ),
             )
         extended = {row["id"] for row in rows}
-        lost = tuple(sorted(set(held) - extended))
-        if lost:
-            log.warning("lease lost for operations %s; their results will be refused", lost)
-        return HeartbeatResult(len(extended), lost)
+        not_extended = tuple(sorted(set(held) - extended))
+        if not_extended:
+            # Usually an outcome being recorded right now. A real loss shows up, audited, as a
+            # refused ("reject") result when the attempt finishes.
+            log.debug("leases not extended: %s", not_extended)
+        return HeartbeatResult(len(extended), not_extended)
 
 
 @dataclass(frozen=True)
 class RescueResult:
-    """Operations whose expired lease was recovered: retried (failed) or dead."""
+    """Operations whose expired lease was recovered: retried (failed) or dead; and workers
+    forgotten because their heartbeat stopped long ago."""
 
     retried: int
     dead: int
+    workers_pruned: int = 0
 
 
 class Rescuer(Service):
-    """Recovers operations whose lease expired (their worker crashed or stalled)."""
+    """Recovers operations whose lease expired (their worker crashed or stalled), wakes the
+    dispatcher for the retries, and forgets workers silent for ``stale_worker_seconds``."""
 
     name = "rescuer"
 
@@ -148,10 +154,13 @@ class Rescuer(Service):
         handlers: Mapping[str, HandlerSpec],
         interval: float,
         batch: int = 1000,
+        on_rescued: Callable[[], None] | None = None,
+        stale_worker_seconds: float = 300.0,
     ) -> None:
         super().__init__(interval)
         self._pool, self._q, self._worker_id = pool, queries, worker_id
         self._channel, self._batch = channel, batch
+        self._on_rescued, self._stale_worker_seconds = on_rescued, stale_worker_seconds
         specs = list(handlers.values())
         self._policy = {
             "operation_types": [s.operation_type for s in specs],
@@ -171,10 +180,15 @@ class Rescuer(Service):
                     worker_id=self._worker_id,
                 ),
             )
+            pruned = await conn.fetch(
+                self._q["workers_prune"].asyncpg_sql, self._stale_worker_seconds
+            )
         dead = sum(1 for row in rows if row["state"] == "dead")
         if rows:
             log.warning("rescued %d operations with expired leases (%d dead)", len(rows), dead)
-        return RescueResult(len(rows) - dead, dead)
+        if len(rows) > dead and self._on_rescued is not None:
+            self._on_rescued()  # the retries are due now
+        return RescueResult(len(rows) - dead, dead, len(pruned))
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,17 @@ class WorkflowSystem:
                 ws.heartbeat_interval,
                 dispatcher.held_versions,
             ),
-            Rescuer(self._pool, q, self.worker_id, ws.channel, self.handlers, ws.rescue_interval),
+            Rescuer(
+                self._pool,
+                q,
+                self.worker_id,
+                ws.channel,
+                self.handlers,
+                ws.rescue_interval,
+                on_rescued=dispatcher.wake,
+                # Ten leases without a heartbeat: that worker is gone, not slow.
+                stale_worker_seconds=10 * ws.lease_seconds,
+            ),
         ]
         if ws.listen:
             self._services.append(

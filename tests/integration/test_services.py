@@ -176,6 +176,40 @@ async def test_the_rescuer_fails_an_expired_lease_for_retry_and_audits_why(
     assert await rescuer.run_once() == RescueResult(retried=0, dead=0)
 
 
+async def test_the_rescuer_wakes_the_dispatcher_for_retries_and_forgets_silent_workers(
+    settings: Settings,
+    sm: DatabaseSessionManager,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    q: dict[str, Query],
+    schema: str,
+) -> None:
+    await publish(sm, settings, "job.retry")
+    await claim(conn, q, settings, ["job.retry"])
+    woken: list[bool] = []
+    await conn.execute(
+        f"""INSERT INTO "{schema}".workers (id, hostname, pid, channel, operation_types,
+                                            heartbeat_at)
+            VALUES ('gone', 'h', 1, 'c', '{{job.retry}}', now() - interval '1 hour'),
+                   ('alive', 'h', 2, 'c', '{{job.retry}}', now())"""
+    )
+    rescuer = Rescuer(
+        pool,
+        q,
+        RESCUER,
+        settings.workflow_system.channel,
+        policy_router().handlers(),
+        interval=3600,
+        on_rescued=lambda: woken.append(True),
+        stale_worker_seconds=600,
+    )
+
+    assert await rescuer.run_once() == RescueResult(retried=1, dead=0, workers_pruned=1)
+
+    assert woken == [True]
+    assert [r["id"] for r in await conn.fetch(f'SELECT id FROM "{schema}".workers')] == ["alive"]
+
+
 async def test_the_rescuer_sends_an_on_lost_dead_operation_to_dead_with_the_reason(
     settings: Settings,
     sm: DatabaseSessionManager,
@@ -357,7 +391,7 @@ async def test_a_success_arriving_after_the_rescue_matches_nothing(
 # -- heartbeat ---------------------------------------------------------------------------------
 
 
-async def test_the_heartbeat_extends_held_leases_and_reports_lost_ones(
+async def test_the_heartbeat_extends_held_leases_and_reports_those_no_longer_held(
     settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str
 ) -> None:
     started, release = asyncio.Event(), asyncio.Event()
@@ -380,7 +414,7 @@ async def test_the_heartbeat_extends_held_leases_and_reports_lost_ones(
 
         result = await heartbeat.run_once()
 
-        assert (result.extended, result.lost) == (1, ())
+        assert (result.extended, result.not_extended) == (1, ())
         after = await operation(conn, schema, op_id)
         assert after["lease_expires_at"] > before["lease_expires_at"]
         assert (after["state"], after["version"]) == ("claimed", before["version"])
@@ -398,7 +432,7 @@ async def test_the_heartbeat_extends_held_leases_and_reports_lost_ones(
             op_id,
         )
         lost = await heartbeat.run_once()
-        assert (lost.extended, lost.lost) == (0, (op_id,))
+        assert (lost.extended, lost.not_extended) == (0, (op_id,))
         assert (await operation(conn, schema, op_id))["lease_expires_at"] is None
 
         release.set()
