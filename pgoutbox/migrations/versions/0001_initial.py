@@ -127,26 +127,13 @@ CREATE TABLE {s}.workers (
     heartbeat_at  timestamptz NOT NULL DEFAULT now()
 );
 
--- The canonical encoding hashed into the chain: every field as <length>:<value>| (NULL as ~|),
--- the timestamp as integer microseconds since the Unix epoch. pgoutbox.audit re-implements it
--- in Python so verification does not trust the database's own function.
+-- The canonical encoding hashed into the chain: see hash_expression() below. pgoutbox.audit
+-- re-implements it in Python so verification does not trust the database's own function.
 CREATE FUNCTION {s}.audit_hash(
     prev_hash bytea, operation_id bigint, seq integer, operation_type text, from_state text,
     to_state text, trigger text, attempt integer, actor text, detail text, recorded_at timestamptz
 ) RETURNS bytea LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT sha256(coalesce(prev_hash, '\x'::bytea) || convert_to(
-        concat_ws('',
-            length(operation_id::text) || ':' || operation_id::text || '|',
-            length(seq::text) || ':' || seq::text || '|',
-            length(operation_type) || ':' || operation_type || '|',
-            coalesce(length(from_state) || ':' || from_state || '|', '~|'),
-            length(to_state) || ':' || to_state || '|',
-            length(trigger) || ':' || trigger || '|',
-            length(attempt::text) || ':' || attempt::text || '|',
-            length(actor) || ':' || actor || '|',
-            coalesce(length(detail) || ':' || detail || '|', '~|'),
-            (extract(epoch FROM recorded_at) * 1000000)::bigint::text || '|'
-        ), 'UTF8'))
+    SELECT {hash_of_arguments}
 $$;
 
 -- Creation: seq 1 of the chain. The hash is computed BEFORE the insert (so it is stored on the
@@ -161,8 +148,7 @@ BEGIN
     NEW.created_at := clock_timestamp();
     NEW.updated_at := NEW.created_at;
     NEW.audit_seq := 1;
-    NEW.audit_hash := {s}.audit_hash(NULL, NEW.id, 1, NEW.operation_type, NULL, 'pending',
-                                     'publish', 0, NEW.created_by, NULL, NEW.created_at);
+    NEW.audit_hash := {hash_of_new_row};
     NEW.transition := NULL;
     NEW.transition_actor := NULL;
     NEW.transition_detail := NULL;
@@ -209,9 +195,7 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     NEW.audit_seq := next_seq;
-    NEW.audit_hash := {s}.audit_hash(OLD.audit_hash, OLD.id, next_seq, OLD.operation_type,
-                                     OLD.state, NEW.state, NEW.transition, NEW.attempts, actor,
-                                     NEW.transition_detail, at);
+    NEW.audit_hash := {hash_of_change};
     INSERT INTO {s}.audit_log (operation_id, seq, operation_type, from_state, to_state, trigger,
                                attempt, actor, detail, recorded_at, prev_hash, hash)
     VALUES (OLD.id, next_seq, OLD.operation_type, OLD.state, NEW.state, NEW.transition,
@@ -307,9 +291,70 @@ DROP FUNCTION {s}.audit_hash(bytea, bigint, integer, text, text, text, text, int
 """
 
 
+def hash_expression(prev_hash: str, *fields: str, recorded_at: str) -> str:
+    """SQL computing an audit row's hash from SQL expressions for its fields.
+
+    The encoding: every field as ``<length>:<value>|`` (NULL as ``~|``), in the order
+    operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, detail,
+    then ``recorded_at`` as integer microseconds since the Unix epoch and ``|``; all UTF-8,
+    hashed with sha256 after the previous row's hash. The triggers inline the expression:
+    PL/pgSQL calling a SQL function costs more than the hash itself.
+    """
+    parts = [f"coalesce(length({f}) || ':' || {f} || '|', '~|')" for f in fields]
+    parts.append(f"(extract(epoch FROM {recorded_at}) * 1000000)::bigint::text || '|'")
+    encoding = "\n            || ".join(parts)
+    return f"sha256(coalesce({prev_hash}, '\\x'::bytea) || convert_to(\n            {encoding}, 'UTF8'))"
+
+
+HASHES = {
+    "{hash_of_arguments}": hash_expression(
+        "prev_hash",
+        "operation_id::text",
+        "seq::text",
+        "operation_type",
+        "from_state",
+        "to_state",
+        "trigger",
+        "attempt::text",
+        "actor",
+        "detail",
+        recorded_at="recorded_at",
+    ),
+    "{hash_of_new_row}": hash_expression(
+        "NULL::bytea",
+        "NEW.id::text",
+        "'1'",
+        "NEW.operation_type",
+        "NULL",
+        "'pending'",
+        "'publish'",
+        "'0'",
+        "NEW.created_by",
+        "NULL",
+        recorded_at="NEW.created_at",
+    ),
+    "{hash_of_change}": hash_expression(
+        "OLD.audit_hash",
+        "OLD.id::text",
+        "next_seq::text",
+        "OLD.operation_type",
+        "OLD.state",
+        "NEW.state",
+        "NEW.transition",
+        "NEW.attempts::text",
+        "actor",
+        "NEW.transition_detail",
+        recorded_at="at",
+    ),
+}
+
+
 def upgrade() -> None:
     s = schema_for_migration()
-    execute_script(UPGRADE.replace("{s}", s))
+    script = UPGRADE
+    for placeholder, expression in HASHES.items():
+        script = script.replace(placeholder, expression)
+    execute_script(script.replace("{s}", s))
     values = ", ".join(f"('default', '{f}', '{t}', '{to}')" for f, t, to in DEFAULT_TRANSITIONS)
     op.execute(f"INSERT INTO {s}.lifecycle_transitions VALUES {values}")
 
