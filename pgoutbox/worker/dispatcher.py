@@ -87,9 +87,10 @@ class Dispatcher:
         self._schema, self._handlers, self.worker_id = schema, handlers, worker_id
         self._sessions = sessions
         self._types = sorted(handlers)
-        # Room for a whole batch even when n_workers is smaller: claimed operations wait in the
-        # queue with their lease extended by the heartbeat.
-        self.capacity = max(settings.n_workers, settings.batch_size)
+        # Room for one more batch than the handlers can run: the next claim overlaps the
+        # recording of the last batch. Claimed operations wait in the queue, their leases
+        # extended by the heartbeat.
+        self.capacity = settings.n_workers + settings.batch_size
         self.in_flight: dict[int, Claimed] = {}
         self._queue: asyncio.Queue[Claimed] = asyncio.Queue()
         self._outcomes: list[Outcome] = []
