@@ -1,10 +1,13 @@
-"""Drain throughput and publish-to-start latency of one worker process.
+"""Drain throughput and publish-to-start latency of one pgoutbox worker.
 
     python benchmarks/bench_drain.py [--n 20000] [--rounds 3] [--latency-samples 200]
 
 drain: N no-op operations are published first; the clock runs from WorkflowSystem.start() until
 every one is recorded succeeded. latency: on an idle worker (LISTEN on), the time from the
 commit of publish_operation to the handler's first line.
+
+Standalone, everything runs in this one process; ``run_all.py`` runs each drain in its own
+process through these same functions.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import Any
 
 import asyncpg
-from _common import bench_database, median
+from _common import bench_database, median, percentile
 
 from pgoutbox import (
     DatabaseSessionManager,
@@ -26,23 +30,27 @@ from pgoutbox import (
 )
 from pgoutbox.settings import DatabaseSettings
 
-CONFIGS = {
-    "defaults (batch 10, 10 handlers)": {},
+OPERATION_TYPE = "bench.noop"
+PUBLISH_BATCH = 1000
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "defaults": {},
     "batch 10": {"batch_size": 10, "n_workers": 10},
     "batch 100": {"batch_size": 100, "n_workers": 100},
 }
 
 
 async def publish(db: DatabaseSettings, n: int, channel: str) -> None:
+    """Publish ``n`` no-op operations on ``channel``, PUBLISH_BATCH per transaction."""
     sm = DatabaseSessionManager(db)
     try:
-        for offset in range(0, n, 1000):
+        for offset in range(0, n, PUBLISH_BATCH):
             async with sm.session() as session:
                 await publish_many(
                     session,
                     [
-                        {"operation_type": "bench.noop", "payload": {"i": i}, "channel": channel}
-                        for i in range(offset, min(offset + 1000, n))
+                        {"operation_type": OPERATION_TYPE, "payload": {"i": i}, "channel": channel}
+                        for i in range(offset, min(offset + PUBLISH_BATCH, n))
                     ],
                 )
                 await session.commit()
@@ -50,14 +58,29 @@ async def publish(db: DatabaseSettings, n: int, channel: str) -> None:
         await sm.close()
 
 
-async def drain(db: DatabaseSettings, n: int, config: dict[str, int], tag: str) -> float:
-    channel = f"drain_{tag}"
-    await publish(db, n, channel)
+async def wait_until_recorded(conn: asyncpg.Connection, schema: str, channel: str) -> None:
+    """Return once no operation of ``channel`` is pending, failed or claimed any more.
+
+    Both probes are answered from the partial indexes over unfinished rows, so the check costs
+    the same with a million finished operations in the table as with none.
+    """
+    sql = (
+        f'SELECT EXISTS (SELECT 1 FROM "{schema}".operations '
+        "                WHERE state IN ('pending', 'failed') AND channel = $1) "
+        f'    OR EXISTS (SELECT 1 FROM "{schema}".operations '
+        "                WHERE state = 'claimed' AND channel = $1)"
+    )
+    while await conn.fetchval(sql, channel):  # noqa: ASYNC110 - polling the database
+        await asyncio.sleep(0.002)
+
+
+async def drain(db: DatabaseSettings, n: int, config: dict[str, Any], channel: str) -> float:
+    """Seconds one WorkflowSystem takes to run and record ``n`` published operations."""
     done = asyncio.Event()
     count = 0
     router = WorkflowRouter()
 
-    @router.on("bench.noop")
+    @router.on(OPERATION_TYPE)
     async def noop(ctx: object, payload: object) -> None:
         nonlocal count
         count += 1
@@ -66,23 +89,28 @@ async def drain(db: DatabaseSettings, n: int, config: dict[str, int], tag: str) 
 
     settings = Settings(database=db, workflow_system={"channel": channel, **config})
     system = WorkflowSystem(router=router, settings=settings)
-    start = time.perf_counter()
-    await system.start()
-    await done.wait()
     conn = await asyncpg.connect(**db.connect_kwargs())
-    sql = (
-        f'SELECT count(*) FROM "{db.schema_name}".operations '
-        "WHERE channel = $1 AND state = 'succeeded'"
-    )
-    while await conn.fetchval(sql, channel) < n:  # noqa: ASYNC110 - polling the database
-        await asyncio.sleep(0.001)
-    elapsed = time.perf_counter() - start
-    await conn.close()
-    await system.stop()
-    return n / elapsed
+    try:
+        start = time.perf_counter()
+        await system.start()
+        await done.wait()
+        await wait_until_recorded(conn, db.schema_name, channel)
+        elapsed = time.perf_counter() - start
+        await system.stop()
+        succeeded = await conn.fetchval(
+            f'SELECT count(*) FROM "{db.schema_name}".operations '
+            "WHERE channel = $1 AND state = 'succeeded'",
+            channel,
+        )
+    finally:
+        await conn.close()
+    if succeeded < n:
+        raise RuntimeError(f"only {succeeded} of {n} operations succeeded on {channel!r}")
+    return elapsed
 
 
 async def latency(db: DatabaseSettings, samples: int) -> tuple[float, float]:
+    """p50 and p99, in ms, from the commit of a publish to the start of its handler."""
     started: asyncio.Queue[float] = asyncio.Queue()
     router = WorkflowRouter()
 
@@ -105,7 +133,7 @@ async def latency(db: DatabaseSettings, samples: int) -> tuple[float, float]:
             await asyncio.sleep(0.02)  # idle between operations
     await sm.close()
     delays = sorted(delays[10:])  # the first few warm up connections and statements
-    return delays[len(delays) // 2] * 1000, delays[int(len(delays) * 0.99) - 1] * 1000
+    return percentile(delays, 0.50) * 1000, percentile(delays, 0.99) * 1000
 
 
 async def main() -> None:
@@ -118,9 +146,11 @@ async def main() -> None:
     async with bench_database() as db:
         for round_ in range(args.rounds):  # interleaved: every config once per round
             for i, (name, config) in enumerate(CONFIGS.items()):
-                results[name].append(await drain(db, args.n, config, f"{round_}_{i}"))
+                channel = f"drain_{round_}_{i}"
+                await publish(db, args.n, channel)
+                results[name].append(args.n / await drain(db, args.n, config, channel))
         p50, p99 = await latency(db, args.latency_samples)
-    print(f"drain of {args.n:,} no-op operations, one worker process, median of {args.rounds}")
+    print(f"drain of {args.n:,} no-op operations, one worker, median of {args.rounds}")
     for name, values in results.items():
         rounds = ", ".join(f"{v:,.0f}" for v in values)
         print(f"  {name:<36}{median(values):>10,.0f} ops/s   ({rounds})")

@@ -12,6 +12,7 @@ import time
 from _common import bench_database, median
 
 from pgoutbox import DatabaseSessionManager, publish_many, publish_operation
+from pgoutbox.settings import DatabaseSettings
 
 
 async def single(sm: DatabaseSessionManager, n: int) -> float:
@@ -40,6 +41,23 @@ async def batched(sm: DatabaseSessionManager, n: int, batch: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+async def measure(
+    settings: DatabaseSettings, n: int, batch: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """ops/s of each round: one operation per transaction, then ``publish_many`` batches
+    (4 x n operations), interleaved A B A B."""
+    sm = DatabaseSessionManager(settings)
+    try:
+        await single(sm, 200)  # warm-up: connections, prepared statements
+        singles, batches = [], []
+        for _ in range(rounds):  # interleaved A B A B
+            singles.append(await single(sm, n))
+            batches.append(await batched(sm, n * 4, batch))
+    finally:
+        await sm.close()
+    return singles, batches
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=5000)
@@ -47,15 +65,7 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     async with bench_database() as settings:
-        sm = DatabaseSessionManager(settings)
-        try:
-            await single(sm, 200)  # warm-up: connections, prepared statements
-            singles, batches = [], []
-            for _ in range(args.rounds):  # interleaved A B A B
-                singles.append(await single(sm, args.n))
-                batches.append(await batched(sm, args.n * 4, args.batch))
-        finally:
-            await sm.close()
+        singles, batches = await measure(settings, args.n, args.batch, args.rounds)
     print(f"{'publish mode':<40}{'median ops/s':>14}   rounds")
     print(
         f"{'publish_operation + commit (1 per tx)':<40}{median(singles):>14,.0f}   "
