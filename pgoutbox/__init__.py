@@ -1,5 +1,6 @@
 """pgoutbox: PostgreSQL-backed workflow and outbox engine for irreversible operations."""
 
+from pgoutbox.admin import Admin
 from pgoutbox.audit import AuditProblem, AuditVerification, verify
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SessionControlError
 from pgoutbox.db import DatabaseSessionManager
@@ -17,6 +18,7 @@ from pgoutbox.worker import SchemaNotReady, WorkflowSystem
 
 __all__ = [
     "DEFAULT_LIFECYCLE",
+    "Admin",
     "AuditProblem",
     "AuditVerification",
     "DatabaseSessionManager",

@@ -18,8 +18,7 @@ import click
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from pgoutbox import migrations
-from pgoutbox.audit import verify
+from pgoutbox import cli_ops, migrations
 from pgoutbox.router import WorkflowRouter
 from pgoutbox.settings import DatabaseSettings, Settings, parse_dsn
 from pgoutbox.worker import WorkflowSystem
@@ -108,16 +107,46 @@ def db_check(obj: _Context) -> None:
     click.echo(f"schema {settings.schema_name} is at head {head}")
 
 
+# -- least privilege: `db grant` (pgoutbox/roles.py, docs/security.md) --------------------------
+@db.command("grant")
+@click.option("--publisher", metavar="ROLE", help="May publish operations, nothing else.")
+@click.option("--worker", metavar="ROLE", help="May run workers (claim, record, rescue).")
+@click.option("--auditor", metavar="ROLE", help="May read every pgoutbox table, write none.")
+@click.pass_obj
+def db_grant(obj: _Context, publisher: str | None, worker: str | None, auditor: str | None) -> None:
+    """Grant existing roles only what publishing, running workers or auditing needs.
+
+    Run as the schema owner, again after every upgrade. No role gets write access to the
+    audit log."""
+    from pgoutbox.roles import RoleError, grant_roles
+
+    if publisher is None and worker is None and auditor is None:
+        raise click.UsageError("name at least one of --publisher, --worker, --auditor")
+    settings = obj.database()
+    try:
+        statements = _run(
+            grant_roles(settings, publisher=publisher, worker=worker, auditor=auditor)
+        )
+    except RoleError as exc:
+        raise click.UsageError(str(exc)) from None
+    for statement in statements:
+        click.echo(f"{statement};")
+
+
+# -- end of `db grant` -------------------------------------------------------------------------
+
+
 @cli.group()
 def audit() -> None:
-    """Check the audit log."""
+    """Verify the audit log and report from it."""
 
 
 @audit.command("verify")
 @click.pass_obj
 def audit_verify(obj: _Context) -> None:
     """Recompute every hash chain; exit 1 naming the first bad operation and seq."""
-    result = _run(verify(obj.database()))
+    # A progress bar on stderr when it is a terminal (pgoutbox/cli_ops.py).
+    result = cli_ops.run_verify(obj)
     if result.problem is not None:
         click.echo(f"FAILED: {result.problem}", err=True)
         sys.exit(1)
@@ -169,6 +198,10 @@ def demo(obj: _Context) -> None:
 
     if not _run(run_demo(obj.dsn)):
         sys.exit(1)
+
+
+# -- operator tools: `ops`, `audit report`, `stats`, `workers` (pgoutbox/cli_ops.py) -----------
+cli_ops.register(cli, audit)
 
 
 def main() -> None:

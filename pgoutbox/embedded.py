@@ -23,12 +23,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import quote
 
 __all__ = ["Backend", "EmbeddedPostgres", "EmbeddedUnavailableError", "start_embedded"]
 
 Backend = Literal["auto", "pgserver", "binaries"]
+ShutdownMode = Literal["smart", "fast", "immediate"]  # pg_ctl -m
 
 _PORT = 5432  # unique socket directory per server, so the default port never clashes
 _PG_LIB_GLOB = "/usr/lib/postgresql/*/bin"  # Debian/Ubuntu layout
@@ -52,11 +53,35 @@ class EmbeddedPostgres:
     ``asyncpg.connect()`` and ``psql``; ``backend`` is ``"pgserver"`` or ``"binaries"``.
     """
 
-    def __init__(self, dsn: str, backend: str, data_dir: Path, stopper: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        backend: str,
+        data_dir: Path,
+        stopper: Callable[[], None],
+        restarter: Callable[[ShutdownMode], None] | None = None,
+    ) -> None:
         self.dsn = dsn
         self.backend = backend
         self.data_dir = data_dir
         self._stopper: Callable[[], None] | None = stopper
+        self._restarter = restarter
+
+    def restart(self, mode: ShutdownMode = "fast") -> None:
+        """Restart the server in place (``pg_ctl restart -m MODE``): same data, same address.
+
+        ``fast`` disconnects clients and shuts down cleanly; ``immediate`` aborts every process
+        without a checkpoint, so the server starts with crash recovery. For fault-injection
+        tests; only the ``binaries`` backend supports it.
+        """
+        if mode not in get_args(ShutdownMode):
+            raise ValueError(f"invalid shutdown mode {mode!r}: one of {get_args(ShutdownMode)}")
+        if self._restarter is None or self._stopper is None:
+            raise RuntimeError(
+                f"restart() is not available for a {self.backend} server that is "
+                "stopped or not started from the server binaries"
+            )
+        self._restarter(mode)
 
     def stop(self) -> None:
         """Stop the server and delete its data directory unless the caller supplied it.
@@ -184,7 +209,10 @@ def _start_binaries(data_dir: str | os.PathLike[str] | None) -> EmbeddedPostgres
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    return EmbeddedPostgres(_dsn(workdir, _PORT), "binaries", pgdata, stopper)
+    def restarter(mode: ShutdownMode) -> None:
+        run("pg_ctl", "-w", "-D", str(pgdata), "-l", str(log), "-m", mode, "-o", options, "restart")
+
+    return EmbeddedPostgres(_dsn(workdir, _PORT), "binaries", pgdata, stopper, restarter)
 
 
 if __name__ == "__main__":

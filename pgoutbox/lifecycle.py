@@ -100,10 +100,18 @@ class Lifecycle:
             if t.from_state == from_state and t.trigger == trigger
         )
 
+    def sources(self, trigger: str) -> frozenset[str]:
+        """States ``trigger`` may be fired from (empty: the lifecycle has no such trigger)."""
+        return frozenset(t.from_state for t in self.transitions if t.trigger == trigger)
+
+    def allowed_triggers(self, from_state: str) -> list[str]:
+        """The triggers allowed from ``from_state``, sorted."""
+        return sorted({t.trigger for t in self.transitions if t.from_state == from_state})
+
     def check(self, from_state: str, trigger: str, to_state: str) -> None:
         """Raise :class:`TransitionNotAllowed` unless the change is allowed."""
         if to_state not in self.targets(from_state, trigger):
-            allowed = sorted({t.trigger for t in self.transitions if t.from_state == from_state})
+            allowed = self.allowed_triggers(from_state)
             raise TransitionNotAllowed(
                 f"lifecycle {self.name!r} does not allow {trigger!r} from {from_state!r} "
                 f"to {to_state!r}; from {from_state!r} it allows: {', '.join(allowed) or 'nothing'}"
@@ -127,6 +135,8 @@ DEFAULT_LIFECYCLE: Final = Lifecycle.declare(
         {"trigger": "lose", "source": CLAIMED, "dest": DEAD},
         # Graceful stop hands back what did not finish.
         {"trigger": "release", "source": CLAIMED, "dest": PENDING},
+        # Operators: run a failed operation now instead of at its scheduled retry (0002).
+        {"trigger": "retry", "source": FAILED, "dest": PENDING},
         {"trigger": "cancel", "source": [PENDING, FAILED], "dest": CANCELLED},
         {"trigger": "replay", "source": [DEAD, CANCELLED], "dest": PENDING},
     ],

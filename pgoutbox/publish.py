@@ -16,6 +16,7 @@ from typing import Any, NewType
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pgoutbox.db import SESSION_SETTINGS_KEY
+from pgoutbox.observability import capture_trace_context
 from pgoutbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, DatabaseSettings, validate_identifier
 from pgoutbox.sql import Query, queries
 
@@ -78,7 +79,9 @@ async def publish_operation(
     time). Publishing again with the same ``idempotency_key`` returns the existing operation's
     id; the same key with a different type, channel or payload raises
     :class:`IdempotencyConflict`. ``max_attempts`` overrides the handler's retry limit.
-    Invalid input raises :class:`PublishError` before anything is written.
+    Invalid input raises :class:`PublishError` before anything is written. Inside an
+    OpenTelemetry span (with ``pgoutbox[otel]``), the trace context is stored with the
+    operation and its attempts continue that trace.
     """
     row = _validated(
         dict(
@@ -94,7 +97,10 @@ async def publish_operation(
     )
     q = _queries(session)
     inserted = (
-        await session.execute(q["operations_publish"].clause(), {**row, "created_by": None})
+        await session.execute(
+            q["operations_publish"].clause(),
+            {**row, "created_by": None, "trace_context": capture_trace_context()},
+        )
     ).first()
     if inserted is not None:
         return OperationId(inserted[0])
@@ -147,6 +153,7 @@ async def publish_many(
         "priorities": [r["priority"] for r in rows],
         "max_attempts": [r["max_attempts"] for r in rows],
         "created_by": None,
+        "trace_context": capture_trace_context(),  # the whole batch is published in one span
     }
     if not keyed:
         result = await session.execute(q["operations_publish_many"].clause(), columns)

@@ -18,7 +18,9 @@ live in the migrations. Usage::
     ``last_error``, ``lease_owner``, ``lease_expires_at``, ``version`` (fencing token),
     ``audit_seq`` / ``audit_hash`` (head of the operation's audit chain). ``transition``,
     ``transition_actor`` and ``transition_detail`` are write-only: set in the UPDATE that changes
-    state, consumed by the audit trigger, NULL at rest.
+    state, consumed by the audit trigger, NULL at rest. ``trace_context`` (jsonb) is the W3C
+    trace context the operation was published in (NULL outside a span, or without
+    ``pgoutbox[otel]``); see docs/observability.md.
 
 ``<schema>.audit_log`` -- append-only, one row per state change including creation:
     ``operation_id``, ``seq`` (1, 2, 3... per operation; the primary key with ``operation_id``),
@@ -33,6 +35,10 @@ live in the migrations. Usage::
 
 ``<schema>.workers`` -- running workers: ``id``, ``hostname``, ``pid``, ``channel``,
     ``operation_types``, ``started_at``, ``heartbeat_at``.
+
+``<schema>.purges`` -- one row per retention purge (``pgoutbox ops purge``): ``id``, ``actor``,
+    ``finished_before``, ``include_dead``, ``batch_size``, ``deleted`` (operations deleted so
+    far), ``started_at``, ``finished_at`` (NULL while running or if interrupted).
 """
 
 from __future__ import annotations
@@ -146,6 +152,13 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         ),
         Column("transition_actor", Text, nullable=True),
         Column("transition_detail", Text, nullable=True),
+        Column(
+            "trace_context",
+            JSONB,
+            nullable=True,
+            comment="W3C trace context of the publisher (traceparent, ...); each attempt's span "
+            "continues it.",
+        ),
         PrimaryKeyConstraint("id", name="operations_pkey"),
         UniqueConstraint("idempotency_key", name="operations_idempotency_key_key"),
         CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
@@ -198,6 +211,22 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("started_at", _timestamptz(), nullable=False, server_default=_NOW),
         Column("heartbeat_at", _timestamptz(), nullable=False, server_default=_NOW),
         PrimaryKeyConstraint("id", name="workers_pkey"),
+    )
+
+    Table(
+        "purges",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), nullable=False),
+        Column("actor", Text, nullable=False),
+        Column("finished_before", _timestamptz(), nullable=False),
+        Column("include_dead", Boolean, nullable=False),
+        Column("batch_size", Integer, nullable=False),
+        Column("deleted", BigInteger, nullable=False, server_default=_ZERO),
+        Column("started_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("finished_at", _timestamptz(), nullable=True),
+        PrimaryKeyConstraint("id", name="purges_pkey"),
+        CheckConstraint("batch_size >= 1", name="purges_batch_size_check"),
+        comment="Retention purges of finished operations; their audit rows are kept.",
     )
     return metadata
 

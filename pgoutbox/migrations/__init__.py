@@ -175,9 +175,11 @@ def upgrade_sync(connection: Connection, schema: str, revision: str = "head") ->
         {"schema": schema},
     )
     installed = current_revision(connection, schema)
+    if installed == head_revision() and revision in ("head", installed):
+        # Nothing to do, and nothing attempted: a least-privilege worker role may not even
+        # be allowed the CREATE SCHEMA IF NOT EXISTS that Alembic's environment would run.
+        return
     if installed is not None and _standalone_revision(connection, schema) is None:
-        if installed == head_revision():
-            return
         raise SchemaManagedByHost(
             f"schema {schema!r} was installed through a host project's Alembic history and is at "
             f"{installed}, not pgoutbox's head {head_revision()}: run the host's "

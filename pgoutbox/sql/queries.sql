@@ -7,23 +7,26 @@
 WITH inserted AS (
     INSERT INTO {s}.operations
         (operation_type, channel, payload, run_at, idempotency_key, priority, max_attempts,
-         created_by)
+         created_by, trace_context)
     VALUES (:operation_type, :channel, CAST(:payload AS jsonb),
             coalesce(CAST(:run_at AS timestamptz), now()), :idempotency_key, :priority,
-            :max_attempts, coalesce(:created_by, current_user))
+            :max_attempts, coalesce(:created_by, current_user),
+            CAST(:trace_context AS jsonb))
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
 )
 SELECT id, pg_notify(:channel, id::text) FROM inserted;
 
 -- name: operations_publish_many
--- Insert a batch in input order; rows whose idempotency key exists already are skipped.
+-- Insert a batch in input order; rows whose idempotency key exists already are skipped. The
+-- batch shares one trace context: the publisher's.
 WITH inserted AS (
     INSERT INTO {s}.operations
         (operation_type, channel, payload, run_at, idempotency_key, priority, max_attempts,
-         created_by)
+         created_by, trace_context)
     SELECT operation_type, channel, CAST(payload AS jsonb), coalesce(run_at, now()),
-           idempotency_key, priority, max_attempts, coalesce(:created_by, current_user)
+           idempotency_key, priority, max_attempts, coalesce(:created_by, current_user),
+           CAST(:trace_context AS jsonb)
     FROM unnest(CAST(:operation_types AS text[]), CAST(:channels AS text[]),
                 CAST(:payloads AS text[]), CAST(:run_ats AS timestamptz[]),
                 CAST(:idempotency_keys AS text[]), CAST(:priorities AS integer[]),
@@ -53,7 +56,8 @@ JOIN {s}.operations o ON o.idempotency_key = given.idempotency_key;
 
 -- name: operations_claim_batch
 -- Lock due operations of this channel and these types, highest priority then oldest first,
--- lease them, and return them in that order (the order the work loops start them in).
+-- lease them, and return them in that order (the order the work loops start them in), each
+-- with its publisher's trace context and how long it waited since due (for the metrics).
 -- MATERIALIZED: the planner must not fold the CTE into the UPDATE, or the LIMIT and the
 -- SKIP LOCKED row locks would no longer be applied once, before the update.
 WITH due AS MATERIALIZED (
@@ -75,10 +79,13 @@ WITH due AS MATERIALIZED (
     FROM due
     WHERE o.id = due.id
     RETURNING o.id, o.operation_type, o.payload, o.attempts, o.max_attempts, o.version,
-              o.idempotency_key, o.priority, o.run_at
+              o.idempotency_key, o.priority, o.run_at, o.trace_context,
+              -- run_at is not changed by the claim: this is the wait since the op became due.
+              CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
 )
 -- RETURNING has no defined order: sort explicitly.
-SELECT id, operation_type, payload, attempts, max_attempts, version, idempotency_key
+SELECT id, operation_type, payload, attempts, max_attempts, version, idempotency_key,
+       trace_context, queue_age_seconds
 FROM claimed
 ORDER BY priority DESC, run_at, id;
 
@@ -121,6 +128,16 @@ UPDATE {s}.operations o
 SET transition = 'reject', transition_actor = :worker_id, transition_detail = r.detail
 FROM unnest(CAST(:ids AS bigint[]), CAST(:details AS text[])) AS r(id, detail)
 WHERE o.id = r.id;
+
+-- name: audit_log_outcomes_recorded
+-- Whether this worker already recorded the outcome of any of these attempts (a retry after a
+-- commit whose reply was lost must not record them again, nor call them refused).
+SELECT EXISTS (
+    SELECT 1
+    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS given(id, attempt)
+    JOIN {s}.audit_log a ON a.operation_id = given.id AND a.attempt = given.attempt
+    WHERE a.actor = :worker_id AND a.trigger IN ('succeed', 'fail', 'give_up')
+);
 
 -- name: operations_extend_leases
 -- Heartbeat: push the lease of what this worker still holds; returns the ids extended.
@@ -190,6 +207,12 @@ SELECT min(run_at) - now() AS wait
 FROM {s}.operations
 WHERE state IN ('pending', 'failed') AND channel = :channel
   AND operation_type = ANY(CAST(:operation_types AS text[]));
+
+-- name: operations_count_by_state_and_type
+-- Operations per state and type (the pgoutbox_operations gauge; a scan of the whole table).
+SELECT state, operation_type, count(*) AS operations
+FROM {s}.operations
+GROUP BY state, operation_type;
 
 -- name: workers_register
 -- Announce a live worker (operators see it in `pgoutbox workers`).
@@ -322,13 +345,13 @@ WHERE o.id = :id
 RETURNING o.id, o.state;
 
 -- name: operations_replay
--- Operator: run a dead or cancelled operation again, now. attempts keeps counting (the audit
--- trail's attempt numbers stay unique); extra_attempts, when given, allows that many more.
+-- Operator: run a dead or cancelled operation again, now, with extra_attempts more attempts.
+-- attempts keeps counting, so the audit trail's attempt numbers stay unique.
 WITH replayed AS (
     UPDATE {s}.operations o
     SET state = 'pending', transition = 'replay', transition_actor = :actor,
         transition_detail = :reason, run_at = now(), version = o.version + 1,
-        max_attempts = coalesce(o.attempts + CAST(:extra_attempts AS integer), o.max_attempts)
+        max_attempts = o.attempts + CAST(:extra_attempts AS integer)
     WHERE o.id = :id
     RETURNING o.id, o.channel, o.state
 )
@@ -345,7 +368,7 @@ WHERE recorded_at >= :since AND recorded_at < :until
        OR operation_type LIKE ANY(CAST(:type_patterns AS text[])))
 ORDER BY recorded_at, operation_id, seq;
 
--- name: operations_count_by_type_and_state
+-- name: operations_admin_stats
 -- Operations per type and state, and how long the oldest due pending one has waited.
 SELECT operation_type, state, count(*) AS operations,
        CAST(EXTRACT(epoch FROM now() - min(run_at) FILTER (

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from pgoutbox import observability
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext
 from pgoutbox.router import HandlerSpec
 from pgoutbox.settings import WorkflowSystemSettings
@@ -56,6 +58,7 @@ class Claimed:
     version: int
     idempotency_key: str
     spec: HandlerSpec
+    trace_context: str | None = None  # the publisher's, as JSON (see pgoutbox.observability)
     finished: bool = False  # the handler is done: the heartbeat leaves it to the recorder
 
 
@@ -193,6 +196,7 @@ class Dispatcher:
         """Lease up to ``limit`` due operations and queue them for the work loops."""
         q = self._q["operations_claim_batch"]
         async with self._pool.acquire() as conn:
+            started = time.perf_counter()
             rows = await conn.fetch(
                 q.asyncpg_sql,
                 *q.args(
@@ -203,6 +207,9 @@ class Dispatcher:
                     lease_seconds=self._settings.lease_seconds,
                 ),
             )
+            elapsed = time.perf_counter() - started
+        if observability.metrics is not None:
+            observability.metrics.observe_claim(elapsed, rows)
         claimed = []
         for row in rows:
             spec = self._handlers[row["operation_type"]]
@@ -215,6 +222,7 @@ class Dispatcher:
                 version=row["version"],
                 idempotency_key=row["idempotency_key"] or f"pgoutbox-{self._schema}-{row['id']}",
                 spec=spec,
+                trace_context=row["trace_context"],
             )
             self.in_flight[op.id] = op
             self._queue.put_nowait(op)
@@ -244,12 +252,32 @@ class Dispatcher:
     async def _work_loop(self) -> None:
         while True:
             op = await self._queue.get()
+            # Checked per operation, not once: the metrics can be switched off (tests do).
+            metrics = observability.metrics
+            started = time.perf_counter() if metrics is not None else 0.0
             outcome = await self._execute(op)
+            if metrics is not None:
+                metrics.observe_attempt(op.operation_type, time.perf_counter() - started)
             op.finished = True
             self._outcomes.append(outcome)
             self._record_wake.set()
 
     async def _execute(self, op: Claimed) -> Outcome:
+        """Run one attempt: in its trace span when tracing is on."""
+        if observability.tracer is None:
+            return await self._run(op)
+        with observability.attempt_span(op, self.worker_id) as span:
+            outcome = await self._run(op)
+            if outcome.error is not None:
+                observability.record_attempt_failure(span, outcome.error)
+            elif outcome.lease_lost:
+                observability.record_attempt_failure(
+                    span, None, "lease lost before the transaction committed"
+                )
+            return outcome
+
+    async def _run(self, op: Claimed) -> Outcome:
+        """Run the handler once and say how the attempt ended."""
         ctx_logger = logging.LoggerAdapter(
             handler_log, {"operation_id": op.id, "operation_type": op.operation_type}
         )
@@ -328,14 +356,18 @@ class Dispatcher:
         while self._outcomes:
             batch, self._outcomes = self._outcomes, []
             delay = 0.1
+            retrying = False
             while True:
                 try:
+                    if retrying and await self._recorded_before(batch):
+                        break
                     await self._record(batch)
                     break
                 except (*CONNECTION_ERRORS, asyncpg.TransactionRollbackError) as exc:
-                    # Unreachable, or chosen as a deadlock victim (the heartbeat locks the same
-                    # rows): the batch's transaction rolled back, so a retry starts afresh.
+                    # Unreachable, or chosen as a deadlock victim: the batch's transaction
+                    # rolled back -- or committed with its reply lost, which the retry checks.
                     log.warning("recording %d outcomes failed (%s); retrying", len(batch), exc)
+                    retrying = True
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                 except Exception:
@@ -351,6 +383,30 @@ class Dispatcher:
         if not self.in_flight:
             self._idle.set()
 
+    async def _recorded_before(self, batch: list[Outcome]) -> bool:
+        """Whether the batch's transaction committed although its reply was lost.
+
+        The batch is recorded in one transaction, so it committed whole or not at all: one of
+        its outcomes in the audit log under this worker's name means all of them are. Without
+        this check the retry would find its own outcomes and audit them as refused.
+        """
+        recorded = [o.op for o in batch if o.error is not None or not (o.committed or o.lease_lost)]
+        if not recorded:
+            return False
+        q = self._q["audit_log_outcomes_recorded"]
+        async with self._pool.acquire() as conn:
+            found = await conn.fetchval(
+                q.asyncpg_sql,
+                *q.args(
+                    ids=[op.id for op in recorded],
+                    attempts=[op.attempt for op in recorded],
+                    worker_id=self.worker_id,
+                ),
+            )
+        if found:
+            log.info("the last recording committed before its connection dropped; not retried")
+        return bool(found)
+
     async def _record(self, batch: list[Outcome]) -> None:
         successes = [
             o.op for o in batch if o.error is None and not o.committed and not o.lease_lost
@@ -362,6 +418,7 @@ class Dispatcher:
             for o in batch
             if o.lease_lost
         }
+        failed_into: dict[int, str] = {}  # operation id -> the state its failure recorded
         # One transaction for the batch: after a dropped connection the retry must not find its
         # own committed successes and refuse them as if another worker had taken the lease.
         async with self._pool.acquire() as conn, conn.transaction():
@@ -385,9 +442,9 @@ class Dispatcher:
             if failures:
                 q = self._q["operations_record_failure"]
                 rows = await conn.fetch(q.asyncpg_sql, *q.args(**self._failure_args(failures)))
-                done = {row["id"] for row in rows}
+                failed_into = {row["id"]: row["state"] for row in rows}
                 for o in failures:
-                    if o.op.id not in done:
+                    if o.op.id not in failed_into:
                         rejected[o.op.id] = (
                             f"late result of attempt {o.op.attempt} by {self.worker_id} refused "
                             f"(its lease was lost): {_error_line(o.error)}"
@@ -402,6 +459,19 @@ class Dispatcher:
                         worker_id=self.worker_id,
                     ),
                 )
+        # Counted once committed: a batch retried after a dropped connection counts once.
+        if observability.metrics is not None:
+            for o in batch:
+                op = o.op
+                if op.id in rejected:
+                    observability.metrics.count_attempt(op.operation_type, "rejected")
+                elif o.error is None:  # a success, recorded above or in its own transaction
+                    observability.metrics.count_attempt(op.operation_type, "succeeded")
+                else:
+                    dead = failed_into[op.id] == "dead"
+                    observability.metrics.count_attempt(
+                        op.operation_type, "dead" if dead else "failed"
+                    )
 
     def _failure_args(self, failures: list[Outcome]) -> dict[str, Any]:
         limit = self._settings.error_max_chars
@@ -427,7 +497,7 @@ class Dispatcher:
         q = self._q["operations_release"]
         try:
             async with self._pool.acquire() as conn:
-                await conn.execute(
+                rows = await conn.fetch(
                     q.asyncpg_sql,
                     *q.args(
                         ids=[op.id for op in ops],
@@ -438,6 +508,15 @@ class Dispatcher:
                 )
         except CONNECTION_ERRORS as exc:
             log.warning("could not release %d operations (%s); the rescuer will", len(ops), exc)
+        else:
+            if observability.metrics is not None:
+                released = {row["id"] for row in rows}
+                for op in ops:
+                    if op.id in released:
+                        dead = started and op.spec.on_lost == "dead"
+                        observability.metrics.count_attempt(
+                            op.operation_type, "dead" if dead else "released"
+                        )
         for op in ops:
             self.in_flight.pop(op.id, None)
 

@@ -243,6 +243,7 @@ async def test_host_alembic_upgrade_heads_creates_host_and_pgoutbox_tables_from_
             "audit_log",
             "lifecycle_transitions",
             "operations",
+            "purges",
             "schema_revision",
             "workers",
         ]
@@ -252,7 +253,7 @@ async def test_host_alembic_upgrade_heads_creates_host_and_pgoutbox_tables_from_
             "WHERE n.nspname = $1 AND NOT t.tgisinternal",
             schema,
         )
-        assert n_triggers == 8
+        assert n_triggers == 9
         versions_rows = await conn.fetch("SELECT version_num FROM public.alembic_version")
         assert sorted(r["version_num"] for r in versions_rows) == sorted(
             [migrations.head_revision(), "host_0001"]

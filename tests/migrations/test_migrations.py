@@ -34,6 +34,7 @@ PGOUTBOX_TABLES = {
     "lifecycle_transitions",
     "workers",
     "schema_revision",
+    "purges",
 }
 # The triggers that make the audit log the database's, not the application's. Every one is
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.
@@ -41,6 +42,7 @@ PGOUTBOX_TRIGGERS = {
     ("operations", "a_operations_immutable"),
     ("operations", "b_operations_before_insert"),
     ("operations", "b_operations_after_insert"),
+    ("operations", "b_operations_actor"),
     ("operations", "b_operations_before_update"),
     ("operations", "c_operations_before_delete"),
     ("operations", "c_operations_no_truncate"),
@@ -119,12 +121,19 @@ def test_invalid_schema_name_is_refused_before_any_sql() -> None:
         migrations.alembic_config("bad;name")
 
 
-def test_default_lifecycle_in_0001_equals_the_lifecycle_module() -> None:
+def test_default_lifecycle_in_the_migrations_equals_the_lifecycle_module() -> None:
+    # 0001 installs the default lifecycle; 0002 adds "retry". Together they are the module's.
     script = ScriptDirectory.from_config(migrations.alembic_config("pgoutbox"))
-    revision = script.get_revision("0001_initial")
-    assert revision is not None
-    in_migration = sorted(("default", *row) for row in revision.module.DEFAULT_TRANSITIONS)
-    assert in_migration == DEFAULT_LIFECYCLE.rows()
+    initial = script.get_revision("0001_initial")
+    operator_tools = script.get_revision("0002_operator_tools")
+    assert initial is not None
+    assert operator_tools is not None
+    rows = [
+        *initial.module.DEFAULT_TRANSITIONS,
+        *operator_tools.module.ADDED_DEFAULT_TRANSITIONS,
+    ]
+    assert len(rows) == len(set(rows))
+    assert sorted(("default", *row) for row in rows) == DEFAULT_LIFECYCLE.rows()
 
 
 # --- upgrade / downgrade ------------------------------------------------------------------

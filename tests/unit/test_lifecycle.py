@@ -10,7 +10,8 @@ import pytest
 
 from pgoutbox import DEFAULT_LIFECYCLE, Lifecycle, TransitionNotAllowed, migrations
 
-# DESIGN §3, one (from_state, trigger, to_state) per arrow, plus the graceful-stop hand-back.
+# DESIGN §3, one (from_state, trigger, to_state) per arrow, plus the graceful-stop hand-back
+# and the operators' retry.
 DESIGN_TRANSITIONS = {
     ("pending", "claim", "claimed"),
     ("claimed", "succeed", "succeeded"),
@@ -24,13 +25,15 @@ DESIGN_TRANSITIONS = {
     ("dead", "replay", "pending"),
     ("cancelled", "replay", "pending"),
     ("claimed", "release", "pending"),
+    # 0002: an operator runs a failed operation now (`pgoutbox ops retry`).
+    ("failed", "retry", "pending"),
 }
 
 
-def _initial_migration() -> ModuleType:
-    """The 0001 revision file, loaded by path: ``versions`` is a directory, not a package."""
-    path = Path(migrations.versions_path()) / "0001_initial.py"
-    spec = importlib.util.spec_from_file_location("pgoutbox_migration_0001_initial", path)
+def _migration(filename: str) -> ModuleType:
+    """A revision file, loaded by path: ``versions`` is a directory, not a package."""
+    path = Path(migrations.versions_path()) / filename
+    spec = importlib.util.spec_from_file_location(f"pgoutbox_migration_{path.stem}", path)
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -75,6 +78,18 @@ def test_finished_states_allow_only_replay_or_nothing() -> None:
 
 def test_lose_may_lead_to_failed_or_dead() -> None:
     assert DEFAULT_LIFECYCLE.targets("claimed", "lose") == {"failed", "dead"}
+
+
+def test_retry_brings_a_failed_operation_back_to_pending_only() -> None:
+    assert DEFAULT_LIFECYCLE.targets("failed", "retry") == {"pending"}
+    assert DEFAULT_LIFECYCLE.sources("retry") == {"failed"}
+
+
+def test_sources_and_allowed_triggers_explain_a_refusal() -> None:
+    assert DEFAULT_LIFECYCLE.sources("cancel") == {"pending", "failed"}
+    assert DEFAULT_LIFECYCLE.sources("approve") == frozenset()
+    assert DEFAULT_LIFECYCLE.allowed_triggers("failed") == ["cancel", "claim", "retry"]
+    assert DEFAULT_LIFECYCLE.allowed_triggers("succeeded") == []
 
 
 def test_targets_of_a_disallowed_trigger_are_empty() -> None:
@@ -142,8 +157,11 @@ def test_declaring_a_transition_to_an_unknown_state_is_refused() -> None:
         )
 
 
-def test_migration_installs_the_default_lifecycle_rows() -> None:
-    installed = _initial_migration().DEFAULT_TRANSITIONS
+def test_migrations_install_the_default_lifecycle_rows() -> None:
+    installed = [
+        *_migration("0001_initial.py").DEFAULT_TRANSITIONS,
+        *_migration("0002_operator_tools.py").ADDED_DEFAULT_TRANSITIONS,
+    ]
 
     assert len(installed) == len(set(installed))
     assert sorted(installed) == [row[1:] for row in DEFAULT_LIFECYCLE.rows()]

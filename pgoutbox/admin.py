@@ -1,0 +1,845 @@
+"""The operator's Python API: inspect, retry, cancel, replay, report on and purge operations.
+
+Everything the ``pgoutbox ops``, ``stats``, ``workers`` and ``audit report`` commands do is a
+method of :class:`Admin`, usable the same way from a web application or a notebook. Usage::
+
+    from datetime import timedelta
+    from pgoutbox import Settings
+    from pgoutbox.admin import Admin, OperationFilter
+
+    async with Admin(Settings().database) as admin:
+        stuck = await admin.list_operations(OperationFilter(stale=True))
+        failed = [op.id for op in stuck if op.state == "failed"]
+        for result in await admin.retry(failed, actor="alice", reason="provider is back"):
+            print(result.message)
+
+State changes go through the database's lifecycle check like every other: each action is an
+``UPDATE`` naming its transition (``retry``, ``cancel``, ``replay``) and the acting person, which
+the audit trigger records in the operation's hash chain -- or refuses, when the operation's
+lifecycle does not allow it from its current state. Every timestamp is the database's.
+
+Methods return frozen dataclasses; :func:`as_json` turns any of them into plain JSON values
+(ISO-8601 timestamps, durations in seconds, hashes in hex), as ``--json`` prints them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Final, Literal
+
+import asyncpg
+
+from pgoutbox.audit import AuditVerification, verify_chains
+from pgoutbox.db import create_pool
+from pgoutbox.lifecycle import (
+    CANCELLED,
+    DEAD,
+    DEFAULT_LIFECYCLE,
+    SUCCEEDED,
+    Lifecycle,
+)
+from pgoutbox.settings import DatabaseSettings
+from pgoutbox.sql import Query, queries
+
+__all__ = [
+    "LIVE_WITHIN",
+    "PURGE_BATCH_SIZE",
+    "STALE_AFTER",
+    "ActionResult",
+    "Admin",
+    "AdminError",
+    "Attempt",
+    "AuditRecord",
+    "Operation",
+    "OperationDetail",
+    "OperationFilter",
+    "OperationNotFound",
+    "PurgePreview",
+    "PurgeResult",
+    "Stats",
+    "TransitionRefused",
+    "TypeStats",
+    "When",
+    "WorkerInfo",
+    "as_json",
+    "attempts_from_audit",
+]
+
+LIVE_WITHIN: Final = timedelta(seconds=30)
+"""A worker is live when its heartbeat is at most this old: three default heartbeat intervals
+(the heartbeat runs every ``lease_seconds / 3`` = 10 s by default)."""
+
+STALE_AFTER: Final = timedelta(minutes=5)
+"""How long an operation may be due (or its lease expired) before it is listed as stale."""
+
+PURGE_BATCH_SIZE: Final = 1000
+"""Operations deleted per transaction by :meth:`Admin.purge`."""
+
+When = datetime | timedelta
+"""A point in time: an aware ``datetime``, or a ``timedelta`` meaning that long before the
+database's ``now()``."""
+
+Action = Literal["retry", "cancel", "replay"]
+
+_LIFECYCLES: Final[dict[str, Lifecycle]] = {DEFAULT_LIFECYCLE.name: DEFAULT_LIFECYCLE}
+_MAX_ACTOR_CHARS: Final = 200
+
+
+class AdminError(Exception):
+    """An operator action that could not be done; the message says why."""
+
+
+class OperationNotFound(AdminError, LookupError):
+    """No operation (and no audit trail) with this id."""
+
+
+class TransitionRefused(AdminError):
+    """The operation's lifecycle does not allow the action from its current state; the
+    database refused it and nothing changed."""
+
+    def __init__(self, message: str, operation_id: int, state: str, action: str) -> None:
+        super().__init__(message)
+        self.operation_id = operation_id
+        self.state = state
+        self.action = action
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperationFilter:
+    """Which operations :meth:`Admin.list_operations` returns (all given filters must match).
+
+    ``operation_types`` are exact names or patterns with ``*`` (``billing.*``); ``since`` and
+    ``until`` bound ``created_at`` (``since`` inclusive, ``until`` exclusive). ``stale`` keeps
+    only operations that look stuck: pending or failed ones that no live worker of their channel
+    handles, or that have been due for longer than ``older_than``, and claimed ones whose lease
+    expired longer than ``older_than`` ago without being rescued.
+    """
+
+    states: tuple[str, ...] = ()
+    operation_types: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ()
+    since: When | None = None
+    until: When | None = None
+    stale: bool = False
+    older_than: timedelta = STALE_AFTER
+    limit: int = 100
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One row of ``<schema>.operations`` (without its payload).
+
+    ``stale_reason`` says why the operation looks stuck: ``"unhandled"`` (no live worker of its
+    channel handles its type), ``"overdue"`` (due for longer than the stale threshold) or
+    ``"lease_expired"`` (claimed, and its lease expired longer ago than that); ``None`` if not.
+    """
+
+    id: int
+    operation_type: str
+    channel: str
+    lifecycle: str
+    state: str
+    attempts: int
+    max_attempts: int | None
+    priority: int
+    run_at: datetime
+    idempotency_key: str | None
+    created_at: datetime
+    created_by: str
+    updated_at: datetime
+    last_error: str | None
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    version: int
+    stale_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One row of ``<schema>.audit_log``: a state change, who made it, when (hashes in hex)."""
+
+    operation_id: int
+    seq: int
+    operation_type: str
+    from_state: str | None
+    to_state: str
+    trigger: str
+    attempt: int
+    actor: str
+    detail: str | None
+    recorded_at: datetime
+    prev_hash: str | None
+    hash: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt, derived from the audit log: a ``claim`` row and the row that ended it.
+
+    ``outcome`` is the ending transition (``succeed``, ``fail``, ``give_up``, ``lose``,
+    ``release``) or ``running``; ``state_after`` the state it led to; ``error`` the ending row's
+    detail (error and traceback of a failure, the reason of a ``lose``).
+    """
+
+    number: int
+    worker: str
+    started_at: datetime
+    ended_at: datetime | None
+    duration_seconds: float | None
+    outcome: str
+    state_after: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class OperationDetail:
+    """An operation, every attempt, and its full audit trail.
+
+    ``operation`` and ``payload`` are ``None`` when the operation was purged: its audit trail
+    outlives it.
+    """
+
+    operation_id: int
+    operation: Operation | None
+    payload: Any
+    attempts: list[Attempt]
+    audit: list[AuditRecord]
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """What one retry/cancel/replay did to one operation.
+
+    ``ok`` is False when the operation does not exist (``state_before`` is ``None``) or its
+    lifecycle refused the action (nothing changed); ``message`` says which, naming the
+    operation, its state and what is allowed.
+    """
+
+    operation_id: int
+    action: str
+    ok: bool
+    state_before: str | None
+    state: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class TypeStats:
+    """Counts for one operation type (or all of them, ``operation_type`` ``"*"``).
+
+    ``counts`` maps state to number of operations; ``oldest_pending_seconds`` is how long the
+    longest-waiting due ``pending`` operation has waited (``now() - run_at``); the failure rate
+    is over attempt outcomes recorded since :attr:`Stats.since`: ``failed_attempts`` (``fail``,
+    ``give_up``, ``lose``) divided by ``finished_attempts`` (those and ``succeed``).
+    """
+
+    operation_type: str
+    counts: dict[str, int]
+    total: int
+    oldest_pending_seconds: float | None
+    finished_attempts: int
+    failed_attempts: int
+    failure_rate: float | None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Operations per state and type, queue age and failure rate, at ``generated_at``."""
+
+    generated_at: datetime
+    since: datetime
+    total: TypeStats
+    by_type: list[TypeStats]
+    oldest_pending_id: int | None
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A registered worker: where it runs, what it handles, its heartbeat, what it holds.
+
+    ``live`` is true when its heartbeat is at most ``live_within`` old (see :data:`LIVE_WITHIN`);
+    a worker killed without stopping stays registered but not live.
+    """
+
+    id: str
+    hostname: str
+    pid: int
+    channel: str
+    operation_types: list[str]
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_seconds: float
+    live: bool
+    held: list[int]
+
+
+@dataclass(frozen=True)
+class PurgePreview:
+    """What :meth:`Admin.purge` would delete: finished operations per state."""
+
+    finished_before: datetime
+    include_dead: bool
+    counts: dict[str, int]
+    total: int
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    """A completed purge, as recorded in ``<schema>.purges`` (row ``purge_id``)."""
+
+    purge_id: int
+    actor: str
+    finished_before: datetime
+    include_dead: bool
+    deleted: int
+    counts: dict[str, int]
+    batches: int
+    started_at: datetime
+    finished_at: datetime
+
+
+def as_json(value: Any) -> Any:
+    """``value`` (a result dataclass, or lists/dicts of them) as plain JSON values.
+
+    Usage::
+
+        json.dumps(as_json(await admin.stats()))
+
+    Timestamps become ISO-8601 strings; keys are the dataclasses' field names.
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: as_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, dict):
+        return {str(k): as_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [as_json(v) for v in value]
+    return value
+
+
+# -- the API ---------------------------------------------------------------------------------
+
+
+class Admin:
+    """Operator actions on the pgoutbox schema ``settings`` points at.
+
+    Usage::
+
+        async with Admin(settings.database) as admin:
+            detail = await admin.get_operation(42)
+            await admin.replay([42], actor="alice", reason="card updated, see ticket 1234")
+
+    It holds a small asyncpg pool, so one ``Admin`` can serve a web application's concurrent
+    requests. ``live_within`` is how recent a worker's heartbeat must be for it to count as live
+    (for :meth:`workers` and stale operations).
+    """
+
+    def __init__(self, settings: DatabaseSettings, *, live_within: timedelta = LIVE_WITHIN) -> None:
+        if live_within <= timedelta(0):
+            raise ValueError(f"live_within must be positive, not {live_within}")
+        self.settings = settings
+        self.live_within = live_within
+        self._q = queries(settings.schema_name)
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        """Connect (done by ``async with``)."""
+        if self._pool is None:
+            self._pool = await create_pool(self.settings, max_size=self.settings.pool_size)
+
+    async def close(self) -> None:
+        """Close the connections."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> Admin:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The connection pool (after :meth:`open`)."""
+        if self._pool is None:
+            raise RuntimeError("Admin is not open: use `async with Admin(settings) as admin:`")
+        return self._pool
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def now(self) -> datetime:
+        """The database's clock."""
+        async with self.pool.acquire() as conn:
+            now: datetime = await conn.fetchval(self._q["database_now"].asyncpg_sql)
+            return now
+
+    async def list_operations(self, filters: OperationFilter | None = None) -> list[Operation]:
+        """Operations matching ``filters``, newest first, at most ``filters.limit``.
+
+        Usage::
+
+            dead = await admin.list_operations(OperationFilter(states=("dead",)))
+        """
+        f = filters or OperationFilter()
+        if f.limit < 1:
+            raise ValueError(f"limit must be at least 1, not {f.limit}")
+        if f.older_than < timedelta(0):
+            raise ValueError(f"older_than must not be negative, not {f.older_than}")
+        async with self.pool.acquire() as conn:
+            rows = await _fetch(
+                conn,
+                self._q["operations_admin_list"],
+                states=list(f.states) or None,
+                type_patterns=_like_patterns(f.operation_types),
+                channels=list(f.channels) or None,
+                since=await _resolve_optional(conn, self._q, f.since),
+                until=await _resolve_optional(conn, self._q, f.until),
+                stale=f.stale,
+                older_than_seconds=f.older_than.total_seconds(),
+                live_within_seconds=self.live_within.total_seconds(),
+                limit=f.limit,
+            )
+        return [Operation(**dict(row)) for row in rows]
+
+    async def get_operation(self, operation_id: int) -> OperationDetail:
+        """One operation, every attempt (with worker, duration, outcome and error) and its full
+        audit trail. Raises :class:`OperationNotFound` when neither the operation nor any audit
+        row of it exists; a purged operation has an audit trail and ``operation=None``."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            row = await _fetchrow(conn, self._q["operations_admin_get"], id=operation_id)
+            audit_rows = await _fetch(
+                conn, self._q["audit_log_of_operation"], operation_id=operation_id
+            )
+        if row is None and not audit_rows:
+            raise OperationNotFound(f"no operation {operation_id}")
+        audit = [_audit_record(r) for r in audit_rows]
+        operation = payload = None
+        if row is not None:
+            fields = dict(row)
+            payload = json.loads(fields.pop("payload"))
+            operation = Operation(**fields)
+        return OperationDetail(operation_id, operation, payload, attempts_from_audit(audit), audit)
+
+    def report(
+        self, since: When, until: When, operation_types: Sequence[str] = ()
+    ) -> AsyncIterator[AuditRecord]:
+        """Every audit row recorded in ``[since, until)``, in the order it was recorded: one
+        row per state change with who, what and when -- the report for an auditor.
+
+        Usage::
+
+            async for record in admin.report(datetime(2026, 10, 1, tzinfo=UTC),
+                                             datetime(2026, 11, 1, tzinfo=UTC)):
+                writer.writerow(as_json(record))
+
+        Rows stream from one consistent snapshot, so the log can be large; stop early with
+        ``contextlib.aclosing``. ``operation_types`` are names or ``*`` patterns.
+        """
+        return self._report(since, until, tuple(operation_types))
+
+    async def _report(
+        self, since: When, until: When, operation_types: tuple[str, ...]
+    ) -> AsyncIterator[AuditRecord]:
+        q = self._q["audit_log_report"]
+        async with (
+            self.pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            args = q.args(
+                since=await _resolve(conn, self._q, since),
+                until=await _resolve(conn, self._q, until),
+                type_patterns=_like_patterns(operation_types),
+            )
+            async for row in conn.cursor(q.asyncpg_sql, *args, prefetch=1000):
+                yield _audit_record(row)
+
+    async def stats(self, since: When = timedelta(hours=24)) -> Stats:
+        """Operations per state and type, the oldest due pending operation's wait, and the
+        attempt failure rate since ``since`` (default: the last 24 hours)."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            now = await conn.fetchval(self._q["database_now"].asyncpg_sql)
+            since_at = await _resolve(conn, self._q, since)
+            counts = await _fetch(conn, self._q["operations_admin_stats"])
+            outcomes = await _fetch(conn, self._q["audit_log_attempt_outcomes"], since=since_at)
+            oldest = await _fetchrow(conn, self._q["operations_oldest_pending"])
+        per_type: dict[str, dict[str, int]] = {}
+        waiting: dict[str, float] = {}
+        for row in counts:
+            per_type.setdefault(row["operation_type"], {})[row["state"]] = row["operations"]
+            if row["oldest_pending_seconds"] is not None:
+                waiting[row["operation_type"]] = row["oldest_pending_seconds"]
+        finished = {row["operation_type"]: (row["finished"], row["failed"]) for row in outcomes}
+        by_type = [
+            _type_stats(
+                name, per_type.get(name, {}), waiting.get(name), *finished.get(name, (0, 0))
+            )
+            for name in sorted(set(per_type) | set(finished))
+        ]
+        all_counts: dict[str, int] = {}
+        for t in by_type:
+            for state, n in t.counts.items():
+                all_counts[state] = all_counts.get(state, 0) + n
+        total = _type_stats(
+            "*",
+            all_counts,
+            oldest["waiting_seconds"] if oldest else None,
+            sum(t.finished_attempts for t in by_type),
+            sum(t.failed_attempts for t in by_type),
+        )
+        return Stats(now, since_at, total, by_type, oldest["id"] if oldest else None)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Registered workers, whether each is live, and the operations each holds."""
+        async with self.pool.acquire() as conn:
+            rows = await _fetch(
+                conn,
+                self._q["workers_admin_list"],
+                live_within_seconds=self.live_within.total_seconds(),
+            )
+        return [WorkerInfo(**dict(row)) for row in rows]
+
+    async def audit_row_count(self) -> int:
+        """How many audit rows there are (e.g. for a progress bar)."""
+        async with self.pool.acquire() as conn:
+            count: int = await conn.fetchval(self._q["audit_log_count"].asyncpg_sql)
+            return count
+
+    async def verify(self, progress: Callable[[int], None] | None = None) -> AuditVerification:
+        """Recompute every audit hash chain (see :func:`pgoutbox.audit.verify_chains`);
+        ``progress`` is called with the number of rows checked so far."""
+        async with self.pool.acquire() as conn:
+            return await verify_chains(conn, self.settings.schema_name, progress=progress)
+
+    # -- acting ----------------------------------------------------------------------------
+
+    async def retry(
+        self, ids: Iterable[int], *, actor: str, reason: str | None = None
+    ) -> list[ActionResult]:
+        """Run failed operations now instead of at their scheduled retry (``failed`` →
+        ``pending``, ``run_at = now()``), audited with ``actor`` and ``reason``.
+
+        Each id is done (or refused) on its own; see :class:`ActionResult`.
+        """
+        return await self._act("retry", ids, actor, reason)
+
+    async def cancel(
+        self, ids: Iterable[int], *, actor: str, reason: str | None = None
+    ) -> list[ActionResult]:
+        """Cancel pending or failed operations (→ ``cancelled``), audited with ``actor`` and
+        ``reason``. A claimed operation cannot be cancelled: its handler may be running."""
+        return await self._act("cancel", ids, actor, reason)
+
+    async def replay(
+        self,
+        ids: Iterable[int],
+        *,
+        actor: str,
+        reason: str | None = None,
+        extra_attempts: int = 1,
+    ) -> list[ActionResult]:
+        """Run dead or cancelled operations again, now (→ ``pending``), audited with ``actor``
+        and ``reason``; each gets ``extra_attempts`` more attempts (default 1).
+
+        ``attempts`` keeps counting, so every attempt keeps its own number in the audit trail,
+        and ``max_attempts`` becomes ``attempts + extra_attempts``: by default the operation
+        runs once more and, if that fails, is ``dead`` again for a person to decide. With more
+        extra attempts, failures are retried with the handler's backoff.
+        """
+        if extra_attempts < 1:
+            raise ValueError(f"extra_attempts must be at least 1, not {extra_attempts}")
+        return await self._act("replay", ids, actor, reason, extra_attempts)
+
+    async def _act(
+        self,
+        action: Action,
+        ids: Iterable[int],
+        actor: str,
+        reason: str | None,
+        extra_attempts: int | None = None,
+    ) -> list[ActionResult]:
+        actor = _checked_actor(actor)
+        # One transaction per id, on purpose (not one batch statement): a refusal aborts its
+        # statement, and must not undo or block the others.
+        results = []
+        async with self.pool.acquire() as conn:
+            for operation_id in ids:
+                results.append(
+                    await self._act_one(conn, action, operation_id, actor, reason, extra_attempts)
+                )
+        return results
+
+    async def _act_one(
+        self,
+        conn: asyncpg.Connection,
+        action: Action,
+        operation_id: int,
+        actor: str,
+        reason: str | None,
+        extra_attempts: int | None,
+    ) -> ActionResult:
+        state_before: str | None = None
+        args: dict[str, Any] = {"id": operation_id, "actor": actor, "reason": reason}
+        if action == "replay":
+            args["extra_attempts"] = extra_attempts
+        try:
+            async with conn.transaction():
+                locked = await _fetchrow(
+                    conn, self._q["operations_lock_for_admin"], id=operation_id
+                )
+                if locked is None:
+                    raise OperationNotFound(
+                        f"cannot {action} operation {operation_id}: no such operation"
+                    )
+                state_before = locked["state"]
+                try:
+                    row = await _fetchrow(conn, self._q[f"operations_{action}"], **args)
+                except asyncpg.exceptions.CheckViolationError as exc:
+                    if not str(exc).startswith("pgoutbox:"):
+                        raise
+                    raise _refusal(
+                        action, operation_id, locked["state"], locked["lifecycle"]
+                    ) from exc
+        except AdminError as exc:
+            return ActionResult(operation_id, action, False, state_before, state_before, str(exc))
+        assert row is not None  # the row is locked: the update found it
+        state = row["state"]
+        return ActionResult(
+            operation_id,
+            action,
+            True,
+            state_before,
+            state,
+            f"operation {operation_id}: {state_before} -> {state} ({action}, by {actor})",
+        )
+
+    async def purge_preview(
+        self, finished_before: When, *, include_dead: bool = False
+    ) -> PurgePreview:
+        """How many operations :meth:`purge` would delete now, per state (nothing is deleted)."""
+        async with self.pool.acquire() as conn:
+            before = await _resolve(conn, self._q, finished_before)
+            rows = await _fetch(
+                conn,
+                self._q["operations_count_purgeable"],
+                states=_purgeable_states(include_dead),
+                finished_before=before,
+            )
+        counts = {row["state"]: row["operations"] for row in rows}
+        return PurgePreview(before, include_dead, counts, sum(counts.values()))
+
+    async def purge(
+        self,
+        finished_before: When,
+        *,
+        actor: str,
+        include_dead: bool = False,
+        batch_size: int = PURGE_BATCH_SIZE,
+    ) -> PurgeResult:
+        """Delete finished operations whose last transition was before ``finished_before``:
+        ``succeeded`` and ``cancelled`` ones, and ``dead`` ones only with ``include_dead``.
+
+        Usage::
+
+            result = await admin.purge(timedelta(days=90), actor="retention-job")
+
+        The purge is recorded in ``<schema>.purges`` with ``actor`` before anything is deleted;
+        it deletes ``batch_size`` operations per transaction, each adding its count to that
+        record in the same transaction. The audit rows of deleted operations are kept (the
+        audit log is append-only), and ``audit verify`` still checks their chains.
+        """
+        actor = _checked_actor(actor)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        states = _purgeable_states(include_dead)
+        counts: dict[str, int] = {}
+        batches = 0
+        async with self.pool.acquire() as conn:
+            before = await _resolve(conn, self._q, finished_before)
+            start = await _fetchrow(
+                conn,
+                self._q["purges_start"],
+                actor=actor,
+                finished_before=before,
+                include_dead=include_dead,
+                batch_size=batch_size,
+            )
+            assert start is not None
+            while True:
+                # Each batch is its own transaction (autocommit): a long purge never holds
+                # locks on more than one batch, and stopping it keeps what was done so far.
+                rows = await _fetch(
+                    conn,
+                    self._q["operations_purge_batch"],
+                    states=states,
+                    finished_before=before,
+                    batch_size=batch_size,
+                    purge_id=start["id"],
+                )
+                deleted = sum(row["operations"] for row in rows)
+                if deleted == 0:
+                    break
+                batches += 1
+                for row in rows:
+                    counts[row["state"]] = counts.get(row["state"], 0) + row["operations"]
+            finished_at = await conn.fetchval(
+                self._q["purges_finish"].asyncpg_sql,
+                *self._q["purges_finish"].args(purge_id=start["id"]),
+            )
+        return PurgeResult(
+            start["id"],
+            actor,
+            before,
+            include_dead,
+            sum(counts.values()),
+            counts,
+            batches,
+            start["started_at"],
+            finished_at,
+        )
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def attempts_from_audit(audit: Sequence[AuditRecord]) -> list[Attempt]:
+    """The attempts an audit trail records: each ``claim`` row paired with the next row that
+    moves the operation out of ``claimed`` (``reject`` rows, which change nothing, are
+    skipped). An attempt with no such row yet is ``running``."""
+    attempts: list[Attempt] = []
+    claim: AuditRecord | None = None
+    for row in audit:
+        if row.trigger == "claim":
+            if claim is not None:  # not possible in the default lifecycle; shown, not hidden
+                attempts.append(_attempt(claim, None))
+            claim = row
+        elif claim is not None and row.from_state == "claimed" and row.trigger != "reject":
+            attempts.append(_attempt(claim, row))
+            claim = None
+    if claim is not None:
+        attempts.append(_attempt(claim, None))
+    return attempts
+
+
+def _attempt(claim: AuditRecord, end: AuditRecord | None) -> Attempt:
+    if end is None:
+        return Attempt(
+            claim.attempt, claim.actor, claim.recorded_at, None, None, "running", "claimed", None
+        )
+    return Attempt(
+        number=claim.attempt,
+        worker=claim.actor,
+        started_at=claim.recorded_at,
+        ended_at=end.recorded_at,
+        duration_seconds=(end.recorded_at - claim.recorded_at).total_seconds(),
+        outcome=end.trigger,
+        state_after=end.to_state,
+        error=end.detail,
+    )
+
+
+def _audit_record(row: Any) -> AuditRecord:
+    fields = dict(row)
+    fields["hash"] = fields["hash"].hex()
+    fields["prev_hash"] = fields["prev_hash"].hex() if fields["prev_hash"] is not None else None
+    return AuditRecord(**fields)
+
+
+def _type_stats(
+    name: str, counts: dict[str, int], oldest: float | None, finished: int, failed: int
+) -> TypeStats:
+    # States in lifecycle order (pending, claimed, ...), then any others by name.
+    order = {state: i for i, state in enumerate(DEFAULT_LIFECYCLE.states)}
+    counts = dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+    return TypeStats(
+        operation_type=name,
+        counts=counts,
+        total=sum(counts.values()),
+        oldest_pending_seconds=oldest,
+        finished_attempts=finished,
+        failed_attempts=failed,
+        failure_rate=failed / finished if finished else None,
+    )
+
+
+def _refusal(action: str, operation_id: int, state: str, lifecycle_name: str) -> TransitionRefused:
+    lifecycle = _LIFECYCLES.get(lifecycle_name)
+    if lifecycle is None:
+        message = (
+            f"cannot {action} operation {operation_id}: it is {state}, and its lifecycle "
+            f"{lifecycle_name!r} does not allow {action!r} from there"
+        )
+    else:
+        sources = " or ".join(sorted(lifecycle.sources(action))) or "no"
+        allowed = ", ".join(lifecycle.allowed_triggers(state)) or "nothing"
+        message = (
+            f"cannot {action} operation {operation_id}: it is {state}; {action} applies only "
+            f"to {sources} operations (from {state}, lifecycle {lifecycle.name!r} allows: "
+            f"{allowed})"
+        )
+    return TransitionRefused(message, operation_id, state, action)
+
+
+def _purgeable_states(include_dead: bool) -> list[str]:
+    return [SUCCEEDED, CANCELLED, *([DEAD] if include_dead else [])]
+
+
+def _checked_actor(actor: str) -> str:
+    if not isinstance(actor, str) or not actor.strip() or len(actor) > _MAX_ACTOR_CHARS:
+        raise ValueError(
+            f"invalid actor {actor!r}: name who acts (a person or job), "
+            f"1 to {_MAX_ACTOR_CHARS} characters"
+        )
+    return actor
+
+
+def _like_patterns(names: Sequence[str]) -> list[str] | None:
+    """Operation type names with ``*`` wildcards as LIKE patterns (``_`` and ``%`` literal)."""
+    if not names:
+        return None
+    return [
+        n.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_").replace("*", "%")
+        for n in names
+    ]
+
+
+async def _resolve(conn: asyncpg.Connection, q: dict[str, Query], when: When) -> datetime:
+    """An absolute time: a timedelta counts back from the database's clock."""
+    if isinstance(when, datetime):
+        if when.tzinfo is None:
+            raise ValueError(f"{when!r} has no timezone: pass an aware datetime")
+        return when
+    now: datetime = await conn.fetchval(q["database_now"].asyncpg_sql)
+    return now - when
+
+
+async def _resolve_optional(
+    conn: asyncpg.Connection, q: dict[str, Query], when: When | None
+) -> datetime | None:
+    return None if when is None else await _resolve(conn, q, when)
+
+
+async def _fetch(conn: asyncpg.Connection, query: Query, **values: Any) -> list[Any]:
+    rows: list[Any] = await conn.fetch(query.asyncpg_sql, *query.args(**values))
+    return rows
+
+
+async def _fetchrow(conn: asyncpg.Connection, query: Query, **values: Any) -> Any:
+    return await conn.fetchrow(query.asyncpg_sql, *query.args(**values))

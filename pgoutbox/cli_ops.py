@@ -1,0 +1,814 @@
+"""The operator commands of ``pgoutbox``: ``ops``, ``audit report``, ``stats``, ``workers``.
+
+Each command is a thin layer over one :class:`pgoutbox.admin.Admin` method: it parses options,
+calls the method, and prints a table (``rich``) or, with ``--json``, the result as JSON (stable
+keys, ISO-8601 timestamps). Exit codes: 0 done; 1 an operation was not found or an action was
+refused; 2 bad usage, or a database that cannot be reached or used.
+
+:func:`register` adds them to the ``pgoutbox`` group (see ``pgoutbox/cli.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any, Protocol, TypeVar
+
+import asyncpg
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from pgoutbox.admin import (
+    LIVE_WITHIN,
+    PURGE_BATCH_SIZE,
+    ActionResult,
+    Admin,
+    OperationDetail,
+    OperationFilter,
+    OperationNotFound,
+    Stats,
+    TypeStats,
+    When,
+    as_json,
+)
+from pgoutbox.audit import AuditVerification
+from pgoutbox.lifecycle import DEFAULT_LIFECYCLE
+from pgoutbox.settings import DatabaseSettings
+
+T = TypeVar("T")
+
+STATE_STYLE = {
+    "pending": "yellow",
+    "claimed": "cyan",
+    "failed": "magenta",
+    "succeeded": "green",
+    "dead": "red",
+    "cancelled": "dim",
+}
+STALE_REASONS = {
+    "unhandled": "no live worker handles it",
+    "overdue": "due for longer than --older-than",
+    "lease_expired": "lease expired, not rescued",
+}
+# The columns of `audit report --format csv`, in order (the JSON objects have the same keys).
+REPORT_COLUMNS = (
+    "recorded_at",
+    "operation_id",
+    "seq",
+    "operation_type",
+    "trigger",
+    "from_state",
+    "to_state",
+    "attempt",
+    "actor",
+    "detail",
+    "prev_hash",
+    "hash",
+)
+
+
+class _HasDatabase(Protocol):
+    def database(self) -> DatabaseSettings: ...
+
+
+# -- option types ----------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: str) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``2w`` (combinable: ``1h30m``) as a timedelta."""
+    text = value.strip().replace(" ", "")
+    parts = _DURATION.findall(text)
+    if not text or "".join(n + u for n, u in parts) != text:
+        raise ValueError(
+            f"invalid duration {value!r}: use a number and a unit s, m, h, d or w, e.g. 90s, "
+            "15m, 2h, 7d, 1h30m"
+        )
+    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+
+
+def parse_when(value: str) -> When:
+    """A point in time: ``now``, a duration meaning that long ago (``7d``: 7 days before the
+    database's clock), or an ISO-8601 date or datetime (UTC unless it has an offset)."""
+    text = value.strip()
+    if text == "now":
+        return timedelta(0)
+    try:
+        return parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"invalid time {value!r}: use an ISO-8601 date or datetime (2026-11-01, "
+            "2026-11-01T12:00:00+01:00; UTC when no offset is given), 'now', or a duration "
+            "meaning that long ago (30m, 24h, 7d)"
+        ) from None
+    if len(text) == 10:  # a bare date: midnight UTC
+        parsed = datetime.combine(date.fromisoformat(text), datetime.min.time())
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _converter(
+    parse: Callable[[str], Any],
+) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """An option callback turning its text into a value with ``parse`` (a usage error if it
+    cannot)."""
+
+    def convert(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+
+    return convert
+
+
+DURATION: dict[str, Any] = {"metavar": "DURATION", "callback": _converter(parse_duration)}
+WHEN: dict[str, Any] = {"metavar": "WHEN", "callback": _converter(parse_when)}
+STATES = click.Choice(list(DEFAULT_LIFECYCLE.states))
+
+
+def _default_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        raise click.UsageError("cannot tell which OS user you are: pass --actor NAME") from None
+
+
+def _check_actor(ctx: click.Context, param: click.Parameter, value: str | None) -> str:
+    actor = _default_actor() if value is None else value
+    if not actor.strip() or len(actor) > 200:
+        raise click.BadParameter("name who acts (a person or a job), 1 to 200 characters")
+    return actor
+
+
+def _action_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--json", "as_json_", is_flag=True, help="Print the results as JSON.")(fn)
+    fn = click.option(
+        "--reason", help="Why (recorded in the audit row's detail), e.g. a ticket number."
+    )(fn)
+    fn = click.option(
+        "--actor",
+        callback=_check_actor,
+        help="Who acts, recorded in the audit trail (default: the OS user).",
+    )(fn)
+    return click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=1))(fn)
+
+
+# -- running and printing --------------------------------------------------------------------
+
+
+def _run(
+    obj: _HasDatabase, action: Callable[[Admin], Awaitable[T]], live_within: timedelta = LIVE_WITHIN
+) -> T:
+    """Run ``action`` with an open Admin; exit 1 for a missing operation, 2 for a database that
+    cannot be reached or used."""
+    settings = obj.database()
+
+    async def go() -> T:
+        async with Admin(settings, live_within=live_within) as admin:
+            return await action(admin)
+
+    try:
+        return asyncio.run(go())
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): click ends the command quietly
+    except OperationNotFound as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+        click.echo(
+            f"error: schema {settings.schema_name} is not at pgoutbox's head revision ({exc}): "
+            "run `pgoutbox db upgrade`",
+            err=True,
+        )
+        sys.exit(2)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        click.echo(
+            f"error: database unavailable or not usable: {type(exc).__name__}: {exc}", err=True
+        )
+        sys.exit(2)
+
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped: don't squeeze tables into 80 columns (COLUMNS=... chooses a width).
+        console = Console(stderr=stderr, highlight=False, width=160)
+    return console
+
+
+_RIGHT_ALIGNED = frozenset({"id", "attempts", "#", "seq", "attempt", "duration"})
+_FREE_TEXT = frozenset({"last error", "stale because", "error", "detail"})
+
+
+def _add_columns(table: Table, *names: str) -> None:
+    """Free text (errors, details) wraps when the terminal is narrow; ids, states and
+    timestamps stay on one line."""
+    for name in names:
+        table.add_column(
+            name,
+            justify="right" if name in _RIGHT_ALIGNED else "left",
+            no_wrap=name not in _FREE_TEXT,
+        )
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(as_json(value), indent=2, ensure_ascii=False))
+
+
+def _text(value: Any, style: str = "") -> Text:
+    """A table cell taken literally (errors and payloads may contain rich markup)."""
+    return Text("-" if value is None or value == "" else str(value), style=style)
+
+
+def _state(state: str | None) -> Text:
+    return _text(state, STATE_STYLE.get(state or "", ""))
+
+
+def _time(value: datetime | None, *, ms: bool = False) -> Text:
+    if value is None:
+        return _text(None)
+    text = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f" if ms else "%Y-%m-%d %H:%M:%S")
+    return Text((text[:-3] if ms else text) + "Z")
+
+
+def format_seconds(seconds: float | None) -> str:
+    """A duration for people: ``0.31s``, ``42s``, ``5m 03s``, ``2h 10m``, ``3d 4h``."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    whole = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit} {whole % size // sub_size}{sub}"
+    if whole >= 60:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole}s"
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 operation``, ``2 operations``."""
+    return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
+
+
+def _first_line(text: str | None, limit: int = 70) -> str | None:
+    if text is None:
+        return None
+    line = text.split("\n", 1)[0]
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _report_actions(results: list[ActionResult], as_json_: bool) -> None:
+    if as_json_:
+        _print_json(results)
+    else:
+        for result in results:
+            click.echo(
+                result.message if result.ok else f"error: {result.message}", err=not result.ok
+            )
+    if not all(result.ok for result in results):
+        sys.exit(1)
+
+
+# -- ops -------------------------------------------------------------------------------------
+
+
+@click.group()
+def ops() -> None:
+    """Inspect operations and act on them (retry, cancel, replay, purge)."""
+
+
+@ops.command("list")
+@click.option("--state", "states", multiple=True, type=STATES, help="Only this state (repeatable).")
+@click.option(
+    "--type",
+    "operation_types",
+    multiple=True,
+    metavar="TYPE",
+    help="Only this operation type; * matches anything, e.g. 'billing.*' (repeatable).",
+)
+@click.option("--channel", "channels", multiple=True, help="Only this channel (repeatable).")
+@click.option("--since", **WHEN, help="Created at or after (ISO-8601, or e.g. 24h for ago).")
+@click.option("--until", **WHEN, help="Created before (ISO-8601, or e.g. 1h for ago).")
+@click.option(
+    "--stale",
+    is_flag=True,
+    help="Only operations that look stuck: pending/failed that no live worker handles or that "
+    "are due for longer than --older-than; claimed whose lease expired that long ago.",
+)
+@click.option(
+    "--older-than",
+    **DURATION,
+    default="5m",
+    show_default=True,
+    help="The --stale threshold.",
+)
+@click.option(
+    "--live-within",
+    **DURATION,
+    default="30s",
+    show_default=True,
+    help="A worker is live if its heartbeat is this recent.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def ops_list(
+    obj: _HasDatabase,
+    states: tuple[str, ...],
+    operation_types: tuple[str, ...],
+    channels: tuple[str, ...],
+    since: When | None,
+    until: When | None,
+    stale: bool,
+    older_than: timedelta,
+    live_within: timedelta,
+    limit: int,
+    as_json_: bool,
+) -> None:
+    """List operations, newest first."""
+    filters = OperationFilter(
+        states, operation_types, channels, since, until, stale, older_than, limit
+    )
+    operations = _run(obj, lambda admin: admin.list_operations(filters), live_within)
+    if as_json_:
+        _print_json(operations)
+        return
+    table = Table(title=_count(len(operations), "operation") + (" (stale)" if stale else ""))
+    _add_columns(
+        table,
+        "id",
+        "type",
+        "channel",
+        "state",
+        "attempts",
+        "updated_at",
+        "stale because" if stale else "last error",
+    )
+    for op in operations:
+        table.add_row(
+            _text(op.id),
+            _text(op.operation_type),
+            _text(op.channel),
+            _state(op.state),
+            _text(f"{op.attempts}/{op.max_attempts}" if op.max_attempts else op.attempts),
+            _time(op.updated_at),
+            _text(
+                STALE_REASONS.get(op.stale_reason or "", op.stale_reason)
+                if stale
+                else _first_line(op.last_error, 60)
+            ),
+        )
+    _console().print(table)
+
+
+@ops.command("show")
+@click.argument("operation_id", type=click.IntRange(min=1))
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of tables.")
+@click.pass_obj
+def ops_show(obj: _HasDatabase, operation_id: int, as_json_: bool) -> None:
+    """Show one operation, every attempt (worker, duration, outcome, error) and its full
+    audit trail."""
+    detail = _run(obj, lambda admin: admin.get_operation(operation_id))
+    if as_json_:
+        _print_json(detail)
+        return
+    _print_detail(_console(), detail)
+
+
+def _attempts_text(attempts: int, max_attempts: int | None) -> str:
+    if max_attempts is None:
+        return f"{attempts} (limit: the handler's max_attempts)"
+    return f"{attempts} of {max_attempts}"
+
+
+def _print_detail(console: Console, detail: OperationDetail) -> None:
+    op = detail.operation
+    if op is None:
+        console.print(
+            Text(f"operation {detail.operation_id} was purged; its audit trail is kept:\n")
+        )
+    else:
+        summary = Table.grid(padding=(0, 2))
+        summary.add_column(style="bold")
+        summary.add_column()
+        rows: list[tuple[str, Text]] = [
+            ("operation", _text(f"{op.id}  {op.operation_type}")),
+            ("state", _state(op.state)),
+            ("channel", _text(op.channel)),
+            ("lifecycle", _text(op.lifecycle)),
+            ("attempts", _text(_attempts_text(op.attempts, op.max_attempts))),
+            ("priority", _text(op.priority)),
+            ("run_at", _time(op.run_at, ms=True)),
+            ("created", Text.assemble(_time(op.created_at, ms=True), f" by {op.created_by}")),
+            ("updated", _time(op.updated_at, ms=True)),
+            ("idempotency key", _text(op.idempotency_key)),
+            ("lease", _text(op.lease_owner and f"{op.lease_owner} until {op.lease_expires_at}")),
+            ("last error", _text(op.last_error)),
+            ("payload", _text(json.dumps(detail.payload, ensure_ascii=False))),
+        ]
+        for key, value in rows:
+            summary.add_row(key, value)
+        console.print(summary)
+    attempts = Table(title="attempts", title_justify="left")
+    _add_columns(
+        attempts,
+        "#",
+        "worker",
+        "started",
+        "duration",
+        "outcome",
+        "error",
+    )
+    for a in detail.attempts:
+        attempts.add_row(
+            _text(a.number),
+            _text(a.worker),
+            _time(a.started_at, ms=True),
+            _text(format_seconds(a.duration_seconds)),
+            _state(a.state_after) if a.outcome == "running" else _text(a.outcome),
+            _text(_first_line(a.error)),
+        )
+    console.print(attempts)
+    trail = Table(title="audit trail", title_justify="left")
+    _add_columns(
+        trail,
+        "seq",
+        "recorded_at",
+        "transition",
+        "from -> to",
+        "attempt",
+        "actor",
+        "detail",
+    )
+    for r in detail.audit:
+        trail.add_row(
+            _text(r.seq),
+            _time(r.recorded_at, ms=True),
+            _text(r.trigger),
+            _text(f"{r.from_state or '-'} -> {r.to_state}"),
+            _text(r.attempt),
+            _text(r.actor),
+            _text(_first_line(r.detail)),
+        )
+    console.print(trail)
+
+
+@ops.command("retry")
+@_action_options
+@click.pass_obj
+def ops_retry(
+    obj: _HasDatabase, ids: tuple[int, ...], actor: str, reason: str | None, as_json_: bool
+) -> None:
+    """Run failed operations IDS now instead of at their scheduled retry (failed -> pending)."""
+    results = _run(obj, lambda admin: admin.retry(ids, actor=actor, reason=reason))
+    _report_actions(results, as_json_)
+
+
+@ops.command("cancel")
+@_action_options
+@click.pass_obj
+def ops_cancel(
+    obj: _HasDatabase, ids: tuple[int, ...], actor: str, reason: str | None, as_json_: bool
+) -> None:
+    """Cancel pending or failed operations IDS (-> cancelled). Claimed ones are refused: their
+    handler may be running."""
+    results = _run(obj, lambda admin: admin.cancel(ids, actor=actor, reason=reason))
+    _report_actions(results, as_json_)
+
+
+@ops.command("replay")
+@_action_options
+@click.option(
+    "--attempts",
+    "extra_attempts",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many more attempts it gets (max_attempts = attempts + N).",
+)
+@click.pass_obj
+def ops_replay(
+    obj: _HasDatabase,
+    ids: tuple[int, ...],
+    actor: str,
+    reason: str | None,
+    as_json_: bool,
+    extra_attempts: int,
+) -> None:
+    """Run dead or cancelled operations IDS again, now (-> pending), with --attempts more
+    attempts (default 1). The attempt count keeps counting."""
+    results = _run(
+        obj,
+        lambda admin: admin.replay(ids, actor=actor, reason=reason, extra_attempts=extra_attempts),
+    )
+    _report_actions(results, as_json_)
+
+
+@ops.command("purge")
+@click.option(
+    "--finished-before",
+    **WHEN,
+    required=True,
+    help="Delete operations whose last change was before this (ISO-8601, or e.g. 90d for ago).",
+)
+@click.option("--include-dead", is_flag=True, help="Delete dead operations too (kept otherwise).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=PURGE_BATCH_SIZE,
+    show_default=True,
+    help="Operations deleted per transaction.",
+)
+@click.option("--actor", callback=_check_actor, help="Who purges (default: the OS user).")
+@click.option("--yes", is_flag=True, help="Really delete. Without it, only say what would go.")
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def ops_purge(
+    obj: _HasDatabase,
+    finished_before: When,
+    include_dead: bool,
+    batch_size: int,
+    actor: str,
+    yes: bool,
+    as_json_: bool,
+) -> None:
+    """Delete finished operations (succeeded, cancelled; dead with --include-dead) in batches.
+
+    Nothing is deleted without --yes. Each purge is recorded in <schema>.purges; the audit rows
+    of deleted operations are kept, and `audit verify` still checks them.
+    """
+    if not yes:
+        preview = _run(
+            obj, lambda admin: admin.purge_preview(finished_before, include_dead=include_dead)
+        )
+        if as_json_:
+            _print_json({"dry_run": True, **as_json(preview)})
+            return
+        click.echo(
+            f"would delete {_count(preview.total, 'finished operation')} whose last change was "
+            "before "
+            f"{preview.finished_before.isoformat()}{_by_state(preview.counts)}"
+        )
+        if not include_dead:
+            click.echo("dead operations are kept (--include-dead deletes them too)")
+        click.echo("nothing deleted: run again with --yes to purge")
+        return
+    result = _run(
+        obj,
+        lambda admin: admin.purge(
+            finished_before, actor=actor, include_dead=include_dead, batch_size=batch_size
+        ),
+    )
+    if as_json_:
+        _print_json({"dry_run": False, **as_json(result)})
+        return
+    click.echo(
+        f"purge {result.purge_id} by {result.actor}: deleted "
+        f"{_count(result.deleted, 'operation')}{_by_state(result.counts)} in "
+        f"{_count(result.batches, 'batch')}; their audit rows are kept"
+    )
+
+
+def _by_state(counts: dict[str, int]) -> str:
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{state}: {n}" for state, n in sorted(counts.items())) + ")"
+
+
+# -- audit report / verify -------------------------------------------------------------------
+
+
+@click.command("report")
+@click.option("--since", **WHEN, required=True, help="From (inclusive): ISO-8601 or e.g. 30d.")
+@click.option("--until", **WHEN, required=True, help="To (exclusive): ISO-8601, now, or 1d.")
+@click.option(
+    "--type",
+    "operation_types",
+    multiple=True,
+    metavar="TYPE",
+    help="Only this operation type; * matches anything (repeatable).",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write to FILE (replaced only once complete) instead of standard output.",
+)
+@click.pass_obj
+def audit_report(
+    obj: _HasDatabase,
+    since: When,
+    until: When,
+    operation_types: tuple[str, ...],
+    fmt: str,
+    output: Path | None,
+) -> None:
+    """Every state change recorded in [--since, --until): one row per transition with who
+    (actor), what (operation, transition, states, attempt, detail) and when, plus the hash that
+    chains it, in the order it was recorded."""
+
+    if output is None:
+        _run(
+            obj, lambda admin: _write_report(admin, since, until, operation_types, fmt, sys.stdout)
+        )
+        return
+    # Written beside FILE and renamed once complete: a half-written report never has its name.
+    partial = output.with_name(output.name + ".partial")
+    try:
+        out = partial.open("w", newline="", encoding="utf-8")
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot write {partial}: {exc.strerror}", param_hint="'-o' / '--output'"
+        ) from None
+    try:
+        with out:
+            count = _run(
+                obj, lambda admin: _write_report(admin, since, until, operation_types, fmt, out)
+            )
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, output)
+    click.echo(f"wrote {count} audit rows to {output}", err=True)
+
+
+async def _write_report(
+    admin: Admin,
+    since: When,
+    until: When,
+    operation_types: Sequence[str],
+    fmt: str,
+    out: IO[str],
+) -> int:
+    count = 0
+    writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS) if fmt == "csv" else None
+    if writer is not None:
+        writer.writeheader()
+    else:
+        out.write("[")
+    async for record in admin.report(since, until, operation_types):
+        row = as_json(record)
+        if writer is not None:
+            writer.writerow({column: row[column] for column in REPORT_COLUMNS})
+        else:
+            out.write(("," if count else "") + "\n  " + json.dumps(row, ensure_ascii=False))
+        count += 1
+    if writer is None:
+        out.write("\n]\n" if count else "]\n")
+    return count
+
+
+async def verify_with_progress(admin: Admin) -> AuditVerification:
+    """Verify every chain, with a progress bar on standard error when it is a terminal."""
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return await admin.verify()
+    total = await admin.audit_row_count()
+    columns = (
+        TextColumn("verifying audit chains"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("verify", total=total)
+
+        def advance(rows: int) -> None:
+            progress.update(task, completed=rows, total=max(total, rows))
+
+        result = await admin.verify(progress=advance)
+        progress.update(task, completed=result.rows, total=max(total, result.rows))
+        return result
+
+
+def run_verify(obj: _HasDatabase) -> AuditVerification:
+    """``audit verify``'s work: the verification, shown with a progress bar on a terminal."""
+    return _run(obj, verify_with_progress)
+
+
+# -- stats, workers --------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--since",
+    **WHEN,
+    default="24h",
+    show_default=True,
+    help="The failure rate counts attempts that ended since then.",
+)
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def stats(obj: _HasDatabase, since: When, as_json_: bool) -> None:
+    """Operations per state and type, the oldest pending operation's wait, failure rate."""
+    result = _run(obj, lambda admin: admin.stats(since))
+    if as_json_:
+        _print_json(result)
+        return
+    _print_stats(_console(), result)
+
+
+def _print_stats(console: Console, result: Stats) -> None:
+    states = list(DEFAULT_LIFECYCLE.states)
+    states += sorted({s for t in result.by_type for s in t.counts} - set(states))
+    table = Table(title=f"operations at {_time(result.generated_at)}")
+    table.add_column("type")
+    for state in [*states, "total"]:
+        table.add_column(state, justify="right")
+    table.add_column("oldest pending", justify="right")
+    table.add_column("failure rate", justify="right")
+
+    def row(t: TypeStats, name: str, style: str = "") -> None:
+        rate = "-" if t.failure_rate is None else f"{t.failure_rate:.0%}"
+        table.add_row(
+            _text(name, style),
+            *(_text(t.counts.get(state, 0), style) for state in states),
+            _text(t.total, style),
+            _text(format_seconds(t.oldest_pending_seconds), style),
+            _text(f"{rate} ({t.failed_attempts}/{t.finished_attempts})", style),
+        )
+
+    for t in result.by_type:
+        row(t, t.operation_type)
+    table.add_section()
+    row(result.total, "all", "bold")
+    console.print(table)
+    total = result.total
+    if result.oldest_pending_id is not None:
+        console.print(
+            Text(
+                f"oldest pending: operation {result.oldest_pending_id}, due for "
+                f"{format_seconds(total.oldest_pending_seconds)}"
+            )
+        )
+    console.print(
+        Text(
+            f"failure rate since {_time(result.since)}: {total.failed_attempts} of "
+            f"{total.finished_attempts} finished attempts failed"
+            + ("" if total.failure_rate is None else f" ({total.failure_rate:.1%})")
+        )
+    )
+
+
+@click.command()
+@click.option(
+    "--live-within",
+    **DURATION,
+    default="30s",
+    show_default=True,
+    help="A worker is live if its heartbeat is this recent.",
+)
+@click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def workers(obj: _HasDatabase, live_within: timedelta, as_json_: bool) -> None:
+    """Registered workers: channel, operation types, heartbeat, live or not, what they hold."""
+    found = _run(obj, lambda admin: admin.workers(), live_within)
+    if as_json_:
+        _print_json(found)
+        return
+    live = sum(w.live for w in found)
+    table = Table(title=f"{_count(live, 'live worker')} ({len(found)} registered)")
+    for column in ("worker", "channel", "operation types", "started", "heartbeat", "live", "holds"):
+        table.add_column(column)
+    for w in found:
+        table.add_row(
+            _text(w.id),
+            _text(w.channel),
+            _text(", ".join(w.operation_types)),
+            _time(w.started_at),
+            _text(f"{format_seconds(w.heartbeat_age_seconds)} ago"),
+            _text("yes", "green") if w.live else _text("no", "red"),
+            _text(", ".join(map(str, w.held)) or None),
+        )
+    _console().print(table)
+
+
+def register(cli: click.Group, audit: click.Group) -> None:
+    """Add the operator commands to the ``pgoutbox`` group and its ``audit`` group."""
+    cli.add_command(ops)
+    cli.add_command(stats)
+    cli.add_command(workers)
+    audit.add_command(audit_report)
