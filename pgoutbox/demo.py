@@ -21,21 +21,13 @@ from rich.live import Live
 from rich.table import Table
 
 from pgoutbox.audit import verify
+from pgoutbox.cli_ops import STATE_STYLE
 from pgoutbox.context import HandlerContext
 from pgoutbox.db import DatabaseSessionManager
 from pgoutbox.publish import publish_operation
 from pgoutbox.router import RetryPolicy, WorkflowRouter
 from pgoutbox.settings import DatabaseSettings, Settings, WorkflowSystemSettings
 from pgoutbox.worker import WorkflowSystem
-
-STATE_STYLE = {
-    "pending": "yellow",
-    "claimed": "cyan",
-    "failed": "magenta",
-    "succeeded": "green",
-    "dead": "red",
-    "cancelled": "dim",
-}
 
 
 def demo_router() -> WorkflowRouter:

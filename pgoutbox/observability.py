@@ -287,7 +287,7 @@ class OperationsGaugeRefresher:
             raise ValueError(f"invalid interval {interval!r}: a number of seconds > 0")
         self.interval = interval
         self._settings = settings
-        self._query = queries(settings.schema_name)["operations_count_by_state_and_type"]
+        self._query = queries(settings.schema_name)["operations_admin_stats"]  # `pgoutbox stats`'s
         self._seen: set[tuple[str, str]] = set()
         self._task: asyncio.Task[None] | None = None
 

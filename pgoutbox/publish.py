@@ -39,19 +39,18 @@ class IdempotencyConflict(PublishError):
     """An operation with this idempotency key exists and records a different intent."""
 
 
-def publish_kwargs_keys() -> frozenset[str]:
-    """The keyword arguments a ``publish_many`` item may hold."""
-    return frozenset(
-        {
-            "operation_type",
-            "payload",
-            "channel",
-            "run_at",
-            "idempotency_key",
-            "priority",
-            "max_attempts",
-        }
-    )
+# The keyword arguments a ``publish_many`` item may hold.
+PUBLISH_KEYS = frozenset(
+    {
+        "operation_type",
+        "payload",
+        "channel",
+        "run_at",
+        "idempotency_key",
+        "priority",
+        "max_attempts",
+    }
+)
 
 
 async def publish_operation(
@@ -130,11 +129,11 @@ async def publish_many(
     limit = _max_payload_bytes(session)
     rows = []
     for index, item in enumerate(operations):
-        unknown = set(item) - publish_kwargs_keys()
+        unknown = set(item) - PUBLISH_KEYS
         if unknown:
             raise PublishError(
                 f"operations[{index}]: unknown argument(s) {sorted(unknown)}; "
-                f"allowed: {sorted(publish_kwargs_keys())}"
+                f"allowed: {sorted(PUBLISH_KEYS)}"
             )
         try:
             rows.append(_validated(dict(item), limit))

@@ -208,12 +208,6 @@ FROM {s}.operations
 WHERE state IN ('pending', 'failed') AND channel = :channel
   AND operation_type = ANY(CAST(:operation_types AS text[]));
 
--- name: operations_count_by_state_and_type
--- Operations per state and type (the pgoutbox_operations gauge; a scan of the whole table).
-SELECT state, operation_type, count(*) AS operations
-FROM {s}.operations
-GROUP BY state, operation_type;
-
 -- name: workers_register
 -- Announce a live worker (operators see it in `pgoutbox workers`).
 INSERT INTO {s}.workers (id, hostname, pid, channel, operation_types)
