@@ -96,8 +96,13 @@ APP_RUNS = "    # ... your app runs ...\n"
 APP_RUNS_FOR_A_SECOND = APP_RUNS + "    await asyncio.sleep(1)\n"
 
 
-def quickstart_for(database_dsn: str, schema: str) -> str:
-    """The Quickstart pointed at the test server and a schema of its own, then checks."""
+def quickstart_for(database_dsn: str, schema: str, *, app_runs_a_second: bool = True) -> str:
+    """The Quickstart pointed at the test server and a schema of its own, then checks.
+
+    With ``app_runs_a_second`` the app "runs" for a second at its ``# ... your app runs ...``
+    line, so the first operation has time to run before ``stop()``; without it the Quickstart
+    is verbatim (only the connection values differ) and the checks are left to the caller.
+    """
     fields = parse_dsn(database_dsn)
     script = QUICKSTART
     replacements = {
@@ -106,13 +111,16 @@ def quickstart_for(database_dsn: str, schema: str) -> str:
         '"user": "postgres",': f'"user": {fields.get("user", "postgres")!r},',
         '"database": "postgres",': f'"database": {fields["database"]!r},',
         '"schema": "pgoutbox",': f'"schema": {schema!r},',
-        APP_RUNS: APP_RUNS_FOR_A_SECOND,
     }
+    if app_runs_a_second:
+        replacements[APP_RUNS] = APP_RUNS_FOR_A_SECOND
     if fields.get("password"):
         replacements['"password": "postgres",'] = f'"password": {fields["password"]!r},'
     for old, new in replacements.items():
         assert script.count(old) == 1, f"the Quickstart no longer contains {old!r}"
         script = script.replace(old, new)
+    if not app_runs_a_second:
+        return script
     connect = {key: fields[key] for key in ("host", "port", "user", "password") if key in fields}
     return script + CHECKS.format(connect=connect, database=fields["database"], schema=schema)
 
@@ -214,3 +222,54 @@ async def test_the_readme_quickstart_runs_as_written(
         "succeed",
     ]
     assert [r["trigger"] for r in trail if r["operation_id"] == later] == ["publish"]
+
+
+async def test_the_verbatim_quickstart_exits_cleanly_and_the_database_tells_the_truth(
+    database_dsn: str, quickstart_schema: str, tmp_path: Path
+) -> None:
+    # Verbatim: stop() comes right after publishing, so "hi" may or may not have run. Whatever
+    # happened, the database must say so exactly: run and succeeded (and printed), or never
+    # claimed, or claimed and handed back by the graceful stop -- never left claimed or lost.
+    script = tmp_path / "quickstart.py"
+    script.write_text(quickstart_for(database_dsn, quickstart_schema, app_runs_a_second=False))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PGOUTBOX_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        cwd=tmp_path,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 0, stdout.decode() + stderr.decode()
+
+    conn = await asyncpg.connect(database_dsn)
+    try:
+        ops = await conn.fetch(
+            f'SELECT id, payload, state FROM "{quickstart_schema}".operations ORDER BY id'
+        )
+        trails = {
+            op["id"]: [
+                r["trigger"]
+                for r in await conn.fetch(
+                    f'SELECT trigger FROM "{quickstart_schema}".audit_log '
+                    "WHERE operation_id = $1 ORDER BY seq",
+                    op["id"],
+                )
+            ]
+            for op in ops
+        }
+    finally:
+        await conn.close()
+    (hi, hi_state), (later, later_state) = [(op["id"], op["state"]) for op in ops]
+    assert later_state == "pending"
+    assert trails[later] == ["publish"]
+    ran = "got: {'msg': 'hi'}" in stdout.decode().splitlines()
+    expected = {
+        "succeeded": ["publish", "claim", "succeed"],
+        "pending": ["publish"] if trails[hi] == ["publish"] else ["publish", "claim", "release"],
+    }
+    assert hi_state in expected, trails
+    assert trails[hi] == expected[hi_state]
+    assert ran == (hi_state == "succeeded"), (stdout.decode(), trails)
