@@ -371,17 +371,28 @@ class Dispatcher:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                 except Exception:
-                    # Not a connection problem: leave these operations claimed; the rescuer
-                    # moves them on when their lease expires, and the audit shows it.
+                    # Not a connection problem, so something about one outcome: record them
+                    # one by one, so the others are not rerun by the rescuer because of it.
                     log.exception(
-                        "recording %d outcomes failed; leaving them to the rescuer", len(batch)
+                        "recording %d outcomes failed; recording them one by one", len(batch)
                     )
+                    await self._record_singly(batch)
                     break
             for outcome in batch:
                 self.in_flight.pop(outcome.op.id, None)
             self.wake()
         if not self.in_flight:
             self._idle.set()
+
+    async def _record_singly(self, batch: list[Outcome]) -> None:
+        for outcome in batch:
+            try:
+                await self._record([outcome])
+            except Exception:
+                # Left claimed: the rescuer moves it on when its lease expires, audited.
+                log.exception(
+                    "recording operation %d failed; leaving it to the rescuer", outcome.op.id
+                )
 
     async def _recorded_before(self, batch: list[Outcome]) -> bool:
         """Whether the batch's transaction committed although its reply was lost.

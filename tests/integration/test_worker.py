@@ -22,6 +22,7 @@ from pgoutbox import (
     WorkflowRouter,
     WorkflowSystem,
     migrations,
+    publish_many,
     publish_operation,
     verify,
 )
@@ -741,3 +742,53 @@ async def test_with_auto_migrate_a_fresh_schema_is_created_at_head(
 
 async def _noop(ctx: HandlerContext, payload: Any) -> None:
     return None
+
+
+async def test_one_outcome_the_database_refuses_does_not_hold_back_the_rest_of_its_batch(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection
+) -> None:
+    schema = schema_of(settings)
+    router = WorkflowRouter()
+    handled: list[int] = []
+    release, all_started = asyncio.Event(), asyncio.Event()
+
+    @router.on("batch.job")
+    async def job(ctx: HandlerContext, payload: Any) -> None:
+        handled.append(ctx.operation_id)
+        if len(handled) == 5:
+            all_started.set()
+        await release.wait()  # finish together, so the outcomes are recorded as one batch
+
+    async with sm.session() as session:
+        ids = await publish_many(
+            session,
+            [
+                {
+                    "operation_type": "batch.job",
+                    "payload": {"i": i},
+                    "channel": settings.workflow_system.channel,
+                }
+                for i in range(5)
+            ],
+        )
+        await session.commit()
+    poisoned = ids[2]
+    # A constraint of the user's own that refuses one operation's success (not a connection
+    # problem): the rest of the batch must still be recorded.
+    await conn.execute(
+        f"""CREATE FUNCTION "{schema}".refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused by the test'; END $$;
+            CREATE TRIGGER z_refuse_one BEFORE UPDATE ON "{schema}".operations FOR EACH ROW
+            WHEN (OLD.id = {poisoned} AND NEW.state = 'succeeded')
+            EXECUTE FUNCTION "{schema}".refuse_one();"""
+    )
+    async with WorkflowSystem(router=router, settings=settings):
+        await asyncio.wait_for(all_started.wait(), 10)
+        release.set()
+        for op_id in ids:
+            if op_id != poisoned:
+                await wait_for_state(conn, schema, op_id, "succeeded")
+        row = await operation(conn, schema, poisoned)
+        # Left claimed with its lease: the rescuer moves it on when the lease expires.
+        assert (row["state"], row["lease_expires_at"] is not None) == ("claimed", True)
+    assert sorted(handled) == sorted(ids)
