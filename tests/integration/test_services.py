@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opkit import audit, operation, publish, wait_for_state, worker_settings
 
 from pgoutbox import (
     DatabaseSessionManager,
@@ -16,7 +17,6 @@ from pgoutbox import (
     Settings,
     WorkflowRouter,
     WorkflowSystem,
-    publish_operation,
 )
 from pgoutbox.db import create_pool
 from pgoutbox.sql import Query, queries
@@ -29,36 +29,6 @@ RESCUER = "rescuer-under-test"
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def worker_settings(settings: Settings, **changes: Any) -> Settings:
-    return settings.model_copy(
-        update={"workflow_system": settings.workflow_system.model_copy(update=changes)}
-    )
-
-
-async def publish(
-    sm: DatabaseSessionManager, settings: Settings, operation_type: str, **kw: Any
-) -> int:
-    kw.setdefault("channel", settings.workflow_system.channel)
-    async with sm.session() as session:
-        op_id = await publish_operation(session, operation_type, {}, **kw)
-        await session.commit()
-    return op_id
-
-
-async def operation(conn: asyncpg.Connection, schema: str, op_id: int) -> asyncpg.Record:
-    row = await conn.fetchrow(f'SELECT * FROM "{schema}".operations WHERE id = $1', op_id)
-    assert row is not None
-    return row
-
-
-async def audit(conn: asyncpg.Connection, schema: str, op_id: int) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            f'SELECT * FROM "{schema}".audit_log WHERE operation_id = $1 ORDER BY seq', op_id
-        )
-    )
-
-
 async def eventually(check: Any, what: str, within: float = 10) -> None:
     """Poll the async predicate ``check`` until it holds, for at most ``within`` seconds."""
     deadline = asyncio.get_running_loop().time() + within
@@ -66,15 +36,6 @@ async def eventually(check: Any, what: str, within: float = 10) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"not within {within}s: {what}")
         await asyncio.sleep(0.02)
-
-
-async def wait_for_state(
-    conn: asyncpg.Connection, schema: str, op_id: int, state: str, within: float = 10
-) -> None:
-    async def reached() -> bool:
-        return bool((await operation(conn, schema, op_id))["state"] == state)
-
-    await eventually(reached, f"operation {op_id} is {state}", within)
 
 
 async def claim(

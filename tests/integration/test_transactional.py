@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opkit import audit, operation, publish, wait_for_state
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -23,7 +24,6 @@ from pgoutbox import (
     Settings,
     WorkflowRouter,
     WorkflowSystem,
-    publish_operation,
 )
 
 # A failed attempt stays `failed` for the whole test instead of being retried at once.
@@ -31,46 +31,6 @@ NOT_SOON = RetryPolicy(base_seconds=3600, max_seconds=3600, jitter=0)
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-async def publish(
-    sm: DatabaseSessionManager, settings: Settings, operation_type: str, payload: Any
-) -> int:
-    async with sm.session() as session:
-        op_id = await publish_operation(
-            session, operation_type, payload, settings.workflow_system.channel
-        )
-        await session.commit()
-    return op_id
-
-
-async def operation(conn: asyncpg.Connection, schema: str, op_id: int) -> asyncpg.Record:
-    row = await conn.fetchrow(f'SELECT * FROM "{schema}".operations WHERE id = $1', op_id)
-    assert row is not None
-    return row
-
-
-async def audit(conn: asyncpg.Connection, schema: str, op_id: int) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            f'SELECT *, xmin::text AS xid FROM "{schema}".audit_log WHERE operation_id = $1 '
-            "ORDER BY seq",
-            op_id,
-        )
-    )
-
-
-async def wait_for_state(
-    conn: asyncpg.Connection, schema: str, op_id: int, state: str, within: float = 10
-) -> asyncpg.Record:
-    """Poll the operation until it is in ``state``, for at most ``within`` seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while (row := await operation(conn, schema, op_id))["state"] != state:
-        if asyncio.get_running_loop().time() > deadline:
-            trail = [(r["trigger"], r["detail"]) for r in await audit(conn, schema, op_id)]
-            raise AssertionError(f"operation {op_id} is {row['state']!r}, not {state!r}: {trail}")
-        await asyncio.sleep(0.02)
-    return row
 
 
 async def wait_for_trigger(

@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from opkit import audit, operation, publish, wait_for_state, worker_settings
 
 from pgoutbox import (
     DatabaseSessionManager,
@@ -33,64 +34,12 @@ NO_WAIT = RetryPolicy(base_seconds=0, max_seconds=0, jitter=0)
 # -- helpers -----------------------------------------------------------------------------------
 
 
-def worker_settings(settings: Settings, **changes: Any) -> Settings:
-    """``settings`` with some workflow_system fields changed."""
-    return settings.model_copy(
-        update={"workflow_system": settings.workflow_system.model_copy(update=changes)}
-    )
-
-
 def schema_of(settings: Settings) -> str:
     return settings.database.schema_name
 
 
-async def publish(
-    sm: DatabaseSessionManager, settings: Settings, operation_type: str, payload: Any, **kw: Any
-) -> int:
-    """Publish one operation on the test channel (unless ``channel`` is given) and commit."""
-    kw.setdefault("channel", settings.workflow_system.channel)
-    async with sm.session() as session:
-        op_id = await publish_operation(session, operation_type, payload, **kw)
-        await session.commit()
-    return op_id
-
-
-async def operation(conn: asyncpg.Connection, schema: str, op_id: int) -> asyncpg.Record:
-    row = await conn.fetchrow(f'SELECT * FROM "{schema}".operations WHERE id = $1', op_id)
-    assert row is not None, f"operation {op_id} does not exist"
-    return row
-
-
-async def audit(conn: asyncpg.Connection, schema: str, op_id: int) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            f'SELECT * FROM "{schema}".audit_log WHERE operation_id = $1 ORDER BY seq', op_id
-        )
-    )
-
-
 async def triggers(conn: asyncpg.Connection, schema: str, op_id: int) -> list[str]:
     return [row["trigger"] for row in await audit(conn, schema, op_id)]
-
-
-async def wait_for_state(
-    conn: asyncpg.Connection, schema: str, op_id: int, state: str, within: float = 10
-) -> asyncpg.Record:
-    """Poll the operation until it is in ``state``; fail with its audit trail after ``within``
-    seconds."""
-    deadline = asyncio.get_running_loop().time() + within
-    while True:
-        row = await operation(conn, schema, op_id)
-        if row["state"] == state:
-            return row
-        if asyncio.get_running_loop().time() > deadline:
-            trail = [
-                (r["trigger"], r["to_state"], r["detail"]) for r in await audit(conn, schema, op_id)
-            ]
-            raise AssertionError(
-                f"operation {op_id} is {row['state']!r}, not {state!r}, after {within}s: {trail}"
-            )
-        await asyncio.sleep(0.02)
 
 
 async def wait_for(event: asyncio.Event) -> None:
