@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import asyncpg
 import pytest
@@ -97,3 +97,22 @@ async def sm(db_settings: DatabaseSettings) -> AsyncIterator[DatabaseSessionMana
     manager = DatabaseSessionManager(db_settings)
     yield manager
     await manager.close()
+
+
+UnauditedUpdate = Callable[..., Awaitable[None]]
+
+
+@pytest.fixture
+def unaudited(conn: asyncpg.Connection) -> UnauditedUpdate:
+    """Test set-up only: run an UPDATE of operations' bookkeeping columns (``run_at``,
+    ``attempts``...) that the database would refuse without a named transition -- as the owner,
+    with that one trigger off for the length of one transaction."""
+
+    async def update(schema: str, sql: str, *args: object) -> None:
+        table = f'"{schema.strip(chr(34))}".operations'
+        async with conn.transaction():
+            await conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER a_operations_unaudited")
+            await conn.execute(sql, *args)
+            await conn.execute(f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER a_operations_unaudited")
+
+    return update

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -249,14 +250,15 @@ async def test_ops_list_filters(
 
 
 async def test_ops_list_stale_names_why_each_operation_is_stuck(
-    cli: Cli, ids: dict[str, int], world: World
+    cli: Cli, ids: dict[str, int], world: World, unaudited: Callable[..., Awaitable[None]]
 ) -> None:
     await world.conn.execute(
         f"INSERT INTO {world.s}.workers (id, hostname, pid, channel, operation_types) "
         "VALUES ('w1', 'host', 1, 'c', '{billing.charge}')"
     )
     fresh = await world.make()  # handled by the live worker and just published: not stale
-    await world.conn.execute(
+    await unaudited(
+        world.s,
         f"UPDATE {world.s}.operations SET run_at = now() - interval '10 minutes' WHERE id = $1",
         ids["pending"],
     )

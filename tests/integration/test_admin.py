@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -160,7 +160,7 @@ async def test_list_since_and_until_bound_creation_time_in_database_time(
 
 
 async def test_stale_lists_unhandled_overdue_and_unrescued_operations_with_their_reason(
-    admin: Admin, world: World
+    admin: Admin, world: World, unaudited: Callable[..., Awaitable[None]]
 ) -> None:
     await world.register_worker("live-worker", ["billing.charge"])
     await world.register_worker("dead-worker", ["email.send"], age=600)
@@ -171,7 +171,8 @@ async def test_stale_lists_unhandled_overdue_and_unrescued_operations_with_their
     claimed_lost = await world.make("claim")
     claimed_held = await world.make("claim")
     s = world.s
-    await world.conn.execute(
+    await unaudited(
+        s,
         f"UPDATE {s}.operations SET run_at = now() - interval '10 minutes' WHERE id = $1",
         handled_overdue,
     )
@@ -279,11 +280,13 @@ async def test_get_operation_of_an_unknown_id_raises_not_found(admin: Admin) -> 
 
 
 async def test_retry_runs_a_failed_operation_now_audited_with_actor_and_reason(
-    admin: Admin, world: World
+    admin: Admin, world: World, unaudited: Callable[..., Awaitable[None]]
 ) -> None:
     op_id = await world.make("claim", "fail")
-    await world.conn.execute(
-        f"UPDATE {world.s}.operations SET run_at = now() + interval '1 hour' WHERE id = $1", op_id
+    await unaudited(
+        world.s,
+        f"UPDATE {world.s}.operations SET run_at = now() + interval '1 hour' WHERE id = $1",
+        op_id,
     )
     before = await world.row(op_id)
 
@@ -479,10 +482,11 @@ async def test_report_is_the_audit_log_of_the_window_row_by_row(admin: Admin, wo
 
 
 async def test_stats_count_per_type_and_state_with_oldest_pending_and_failure_rate(
-    admin: Admin, world: World
+    admin: Admin, world: World, unaudited: Callable[..., Awaitable[None]]
 ) -> None:
     oldest = await world.make()
-    await world.conn.execute(
+    await unaudited(
+        world.s,
         f"UPDATE {world.s}.operations SET run_at = now() - interval '2 minutes' WHERE id = $1",
         oldest,
     )

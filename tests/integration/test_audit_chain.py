@@ -465,6 +465,32 @@ async def test_operation_payload_cannot_be_changed(
 
 
 @pytest.mark.parametrize(
+    "change",
+    [
+        "attempts = 5",
+        "max_attempts = 99",
+        "run_at = now() + interval '1 day'",
+        "priority = 7",
+        "version = version + 1",
+        "last_error = 'nothing happened'",
+    ],
+)
+async def test_bookkeeping_changes_only_with_a_named_transition(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection, change: str
+) -> None:
+    s = db_settings.schema_name
+    op_id = await _publish(conn, s)
+    before = await conn.fetchrow(f'SELECT * FROM "{s}".operations WHERE id = $1', op_id)
+
+    with pytest.raises(asyncpg.CheckViolationError, match="only in the same UPDATE as a named"):
+        await conn.execute(f'UPDATE "{s}".operations SET {change} WHERE id = $1', op_id)
+
+    assert await conn.fetchrow(f'SELECT * FROM "{s}".operations WHERE id = $1', op_id) == before
+    # A lease extension (the heartbeat) is not bookkeeping of what happened: it needs no audit.
+    await conn.execute(f'UPDATE "{s}".operations SET lease_expires_at = now() WHERE id = $1', op_id)
+
+
+@pytest.mark.parametrize(
     "state_path", [[], [("claim", "claimed")], [("claim", "claimed"), ("fail", "failed")]]
 )
 async def test_unfinished_operation_cannot_be_deleted(

@@ -177,13 +177,16 @@ async def host_database(server_dsn: str) -> AsyncIterator[DatabaseSettings]:
 def _write_host_project(host: Path, database: DatabaseSettings) -> None:
     versions = host / "migrations" / "versions"
     versions.mkdir(parents=True)
+    # A Unix-socket directory (the embedded server) goes in the query, as libpq URLs have it.
+    socket = database.host.startswith("/")
     url = URL.create(
         "postgresql+asyncpg",
         username=database.user,
         password=database.password or None,
-        host=database.host,
-        port=database.port,
+        host=None if socket else database.host,
+        port=None if socket else database.port,
         database=database.database,
+        query={"host": database.host, "port": str(database.port)} if socket else {},
     ).render_as_string(hide_password=False)
     (host / "alembic.ini").write_text(HOST_ALEMBIC_INI.format(url=url.replace("%", "%%")))
     (host / "migrations" / "env.py").write_text(HOST_ENV_PY)
@@ -253,7 +256,7 @@ async def test_host_alembic_upgrade_heads_creates_host_and_pgoutbox_tables_from_
             "WHERE n.nspname = $1 AND NOT t.tgisinternal",
             schema,
         )
-        assert n_triggers == 9
+        assert n_triggers == 10
         versions_rows = await conn.fetch("SELECT version_num FROM public.alembic_version")
         assert sorted(r["version_num"] for r in versions_rows) == sorted(
             [migrations.head_revision(), "host_0001"]

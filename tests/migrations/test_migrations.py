@@ -40,6 +40,7 @@ PGOUTBOX_TABLES = {
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.
 PGOUTBOX_TRIGGERS = {
     ("operations", "a_operations_immutable"),
+    ("operations", "a_operations_unaudited"),
     ("operations", "b_operations_before_insert"),
     ("operations", "b_operations_after_insert"),
     ("operations", "b_operations_actor"),
