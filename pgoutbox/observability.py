@@ -50,7 +50,7 @@ else:
 
 log = logging.getLogger("pgoutbox.observability")
 
-AttemptOutcome = Literal["succeeded", "failed", "dead", "rejected", "released"]
+AttemptOutcome = Literal["succeeded", "failed", "dead", "rejected", "released", "lost"]
 
 INSTALL_PROMETHEUS: Final = "pip install 'pgoutbox[prometheus]'"
 
@@ -177,7 +177,8 @@ class Metrics:
         self.attempts = pc.Counter(
             "pgoutbox_attempts",
             "Attempts whose outcome this worker recorded, by operation type and outcome "
-            "(succeeded, failed, dead, rejected, released).",
+            "(succeeded, failed, dead, rejected, released; lost: rescued by this worker after "
+            "another worker's lease expired).",
             ["operation_type", "outcome"],
             registry=registry,
         )

@@ -184,7 +184,7 @@ SET state = CASE WHEN e.on_lost_dead OR o.attempts >= coalesce(o.max_attempts, e
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL, run_at = now()
 FROM expired e
 WHERE o.id = e.id
-RETURNING o.id, o.state;
+RETURNING o.id, o.state, o.operation_type;
 
 -- name: operations_release
 -- Graceful stop: hand back operations whose handler did not finish in time.

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from pgoutbox import observability
 from pgoutbox.router import HandlerSpec
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import Query
@@ -184,6 +185,9 @@ class Rescuer(Service):
                 self._q["workers_prune"].asyncpg_sql, self._stale_worker_seconds
             )
         dead = sum(1 for row in rows if row["state"] == "dead")
+        if observability.metrics is not None:
+            for row in rows:  # the worker that ran these is gone: its rescuer counts them
+                observability.metrics.count_attempt(row["operation_type"], "lost")
         if rows:
             log.warning("rescued %d operations with expired leases (%d dead)", len(rows), dead)
         if len(rows) > dead and self._on_rescued is not None:
@@ -219,8 +223,15 @@ class Listener(Service):
         super().__init__(interval)
         self._settings, self._channel, self._on_notify = settings, channel, on_notify
         self._conn: asyncpg.Connection | None = None
+        # One round at a time: a manual run_once() overlapping the loop's must not open a
+        # second LISTEN connection.
+        self._round = asyncio.Lock()
 
     async def run_once(self) -> ListenerResult:
+        async with self._round:
+            return await self._check_or_reconnect()
+
+    async def _check_or_reconnect(self) -> ListenerResult:
         if self._conn is not None and not self._conn.is_closed():
             try:
                 await self._conn.fetchval("SELECT 1", timeout=max(self.interval, 1.0))

@@ -556,3 +556,46 @@ class _Attempt:
 
 async def _noop(ctx: HandlerContext, payload: Any) -> None:
     pass
+
+
+async def test_an_attempt_whose_worker_was_lost_is_counted_by_the_rescuing_worker(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection
+) -> None:
+    from pgoutbox.db import create_pool
+    from pgoutbox.sql import queries
+    from pgoutbox.worker.services import Rescuer
+
+    crashed = unique("m.crashed")
+    router = WorkflowRouter()
+    router.on(crashed)(_noop_handler)
+    schema = settings.database.schema_name
+    op_id = await publish(sm, settings, crashed, {})
+    # Claimed by a worker that then died: its lease is already over.
+    await conn.execute(
+        f"""UPDATE "{schema}".operations
+            SET state = 'claimed', transition = 'claim', transition_actor = 'dead-worker',
+                attempts = attempts + 1, version = version + 1, lease_owner = 'dead-worker',
+                lease_expires_at = now() - interval '1 second'
+            WHERE id = $1""",
+        op_id,
+    )
+    pool = await create_pool(settings.database, max_size=2)
+    try:
+        rescuer = Rescuer(
+            pool,
+            queries(schema),
+            "rescuer",
+            settings.workflow_system.channel,
+            router.handlers(),
+            interval=3600,
+        )
+        result = await rescuer.run_once()
+    finally:
+        await pool.close()
+
+    assert (result.retried, result.dead) == (1, 0)
+    assert sample("pgoutbox_attempts_total", operation_type=crashed, outcome="lost") == 1
+
+
+async def _noop_handler(ctx: HandlerContext, payload: Any) -> None:
+    pass
