@@ -14,7 +14,6 @@ it after one attribute check. Usage and the full list of names: docs/observabili
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 import asyncpg
 
+from pgoutbox.service import Service
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
 
@@ -262,7 +262,7 @@ class OperationCounts:
     operations: int
 
 
-class OperationsGaugeRefresher:
+class OperationsGaugeRefresher(Service):
     """Keeps ``pgoutbox_operations{state, operation_type}`` up to date: every ``interval``
     seconds, counts the operations of the schema in ``settings`` by state and type.
 
@@ -286,11 +286,10 @@ class OperationsGaugeRefresher:
             raise RuntimeError(f"prometheus-client is not installed: {INSTALL_PROMETHEUS}")
         if not interval > 0:
             raise ValueError(f"invalid interval {interval!r}: a number of seconds > 0")
-        self.interval = interval
+        super().__init__(interval)
         self._settings = settings
         self._query = queries(settings.schema_name)["operations_admin_stats"]  # `pgoutbox stats`'s
         self._seen: set[tuple[str, str]] = set()
-        self._task: asyncio.Task[None] | None = None
 
     async def run_once(self) -> OperationCounts:
         """Count the operations now and set the gauge."""
@@ -307,22 +306,3 @@ class OperationsGaugeRefresher:
                 metrics.operations.labels(*labels).set(count)
         self._seen |= counts.keys()
         return OperationCounts(series=len(counts), operations=sum(counts.values()))
-
-    def start(self) -> None:
-        """Refresh every ``interval`` seconds in the background."""
-        self._task = asyncio.create_task(self._loop(), name=f"pgoutbox-{self.name}")
-
-    async def stop(self) -> None:
-        """Stop refreshing (the gauge keeps its last values)."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception as exc:  # a metrics refresher never stops; the database may be back
-                log.warning("%s: refresh failed (%s); retrying", self.name, exc)
-            await asyncio.sleep(self.interval)

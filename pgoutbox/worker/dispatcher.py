@@ -32,9 +32,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from pgoutbox import observability
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext
 from pgoutbox.router import HandlerSpec
+from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
-from pgoutbox.worker.services import CONNECTION_ERRORS
 
 log = logging.getLogger("pgoutbox.worker")
 handler_log = logging.getLogger("pgoutbox.handler")
