@@ -20,10 +20,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pgoutbox.admin import Admin
 from pgoutbox.audit import verify
 from pgoutbox.cli_ops import STATE_STYLE
 from pgoutbox.context import HandlerContext
 from pgoutbox.db import DatabaseSessionManager
+from pgoutbox.lifecycle import FINISHED_STATES
 from pgoutbox.publish import publish_operation
 from pgoutbox.router import RetryPolicy, WorkflowRouter
 from pgoutbox.settings import DatabaseSettings, Settings, WorkflowSystemSettings
@@ -108,13 +110,10 @@ async def _demo(db: DatabaseSettings, console: Console) -> bool:
             ]
             await session.commit()
         console.print(f"Published operations {ids} (the reminder is due in 3 s).\n")
-        conn = await asyncpg.connect(**db.connect_kwargs())
-        try:
-            await _watch(conn, db.schema_name, console)
+        async with Admin(db) as admin:
+            await _watch(admin, console)
             console.print(f"\n[bold]Audit trail of operation {ids[1]}[/] (demo.charge_card):")
-            console.print(await _trail(conn, db.schema_name, ids[1]))
-        finally:
-            await conn.close()
+            console.print(await _trail(admin, ids[1]))
         console.print(f"worker {system.worker_id} stopping...")
     await sm.close()
     result = await verify(db)
@@ -128,48 +127,41 @@ async def _demo(db: DatabaseSettings, console: Console) -> bool:
     return result.ok
 
 
-async def _watch(conn: asyncpg.Connection, schema: str, console: Console) -> None:
-    sql = (
-        f'SELECT id, operation_type, state, attempts, run_at, last_error FROM "{schema}"'
-        ".operations ORDER BY id"
-    )
+async def _watch(admin: Admin, console: Console) -> None:
     deadline = time.monotonic() + 40
     with Live(console=console, refresh_per_second=10) as live:
         while time.monotonic() < deadline:
-            rows = await conn.fetch(sql)
+            operations = sorted(await admin.list_operations(), key=lambda op: op.id)
             table = Table(title="operations (live)")
             for column in ("id", "type", "state", "attempts", "last error"):
                 table.add_column(column)
-            for row in rows:
-                style = STATE_STYLE.get(row["state"], "")
+            for op in operations:
+                style = STATE_STYLE.get(op.state, "")
                 table.add_row(
-                    str(row["id"]),
-                    row["operation_type"],
-                    f"[{style}]{row['state']}[/]",
-                    str(row["attempts"]),
-                    (row["last_error"] or "")[:60],
+                    str(op.id),
+                    op.operation_type,
+                    f"[{style}]{op.state}[/]",
+                    str(op.attempts),
+                    (op.last_error or "")[:60],
                 )
             live.update(table)
-            if all(row["state"] in ("succeeded", "dead", "cancelled") for row in rows):
+            if all(op.state in FINISHED_STATES for op in operations):
                 return
             await asyncio.sleep(0.1)
 
 
-async def _trail(conn: asyncpg.Connection, schema: str, operation_id: int) -> Table:
+async def _trail(admin: Admin, operation_id: int) -> Table:
     table = Table()
     for column in ("seq", "recorded_at", "transition", "from -> to", "attempt", "actor", "detail"):
         table.add_column(column)
-    rows = await conn.fetch(
-        f'SELECT * FROM "{schema}".audit_log WHERE operation_id = $1 ORDER BY seq', operation_id
-    )
-    for row in rows:
+    for row in (await admin.get_operation(operation_id)).audit:
         table.add_row(
-            str(row["seq"]),
-            row["recorded_at"].strftime("%H:%M:%S.%f")[:-3],
-            row["trigger"],
-            f"{row['from_state'] or '-'} -> {row['to_state']}",
-            str(row["attempt"]),
-            row["actor"],
-            (row["detail"] or "").split("\n", 1)[0][:50],
+            str(row.seq),
+            row.recorded_at.strftime("%H:%M:%S.%f")[:-3],
+            row.trigger,
+            f"{row.from_state or '-'} -> {row.to_state}",
+            str(row.attempt),
+            row.actor,
+            (row.detail or "").split("\n", 1)[0][:50],
         )
     return table
