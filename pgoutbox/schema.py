@@ -20,7 +20,9 @@ live in the migrations. Usage::
     ``transition_actor`` and ``transition_detail`` are write-only: set in the UPDATE that changes
     state, consumed by the audit trigger, NULL at rest. ``trace_context`` (jsonb) is the W3C
     trace context the operation was published in (NULL outside a span, or without
-    ``pgoutbox[otel]``); see docs/observability.md.
+    ``pgoutbox[otel]``); see docs/observability.md. ``ordering_key`` (operations sharing one
+    run one at a time, in publish order) and ``step_attempts`` (attempts of the current step of
+    a multi-step lifecycle; ``attempts`` counts them all) arrived with custom lifecycles.
 
 ``<schema>.audit_log`` -- append-only, one row per state change including creation:
     ``operation_id``, ``seq`` (1, 2, 3... per operation; the primary key with ``operation_id``),
@@ -29,6 +31,12 @@ live in the migrations. Usage::
 
 ``<schema>.lifecycle_transitions`` -- the allowed state changes per lifecycle:
     ``lifecycle``, ``from_state``, ``trigger``, ``to_state``.
+
+``<schema>.lifecycles`` -- every registered version of every custom lifecycle: ``name``,
+    ``version``, ``digest``, ``definition`` (jsonb), ``registered_at``, ``registered_by``.
+
+``<schema>.lifecycle_types`` -- which lifecycle each operation type runs: ``operation_type``,
+    ``lifecycle`` (types not listed run ``default``).
 
 ``<schema>.schema_revision`` -- one row: the pgoutbox revision this schema is at (kept by the
     migrations, whether run standalone or inside a host project's Alembic history).
@@ -159,6 +167,21 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             comment="W3C trace context of the publisher (traceparent, ...); each attempt's span "
             "continues it.",
         ),
+        Column(
+            "ordering_key",
+            Text,
+            nullable=True,
+            comment="Operations sharing a key run one at a time in publish order; an unfinished "
+            "one (dead included) holds back the rest.",
+        ),
+        Column(
+            "step_attempts",
+            Integer,
+            nullable=False,
+            server_default=_ZERO,
+            comment="Attempts of the current step; max_attempts applies to it. attempts counts "
+            "them all.",
+        ),
         PrimaryKeyConstraint("id", name="operations_pkey"),
         UniqueConstraint("idempotency_key", name="operations_idempotency_key_key"),
         CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
@@ -172,11 +195,32 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         operations.c.id,
         postgresql_where=operations.c.state.in_(["pending", "failed"]),
     )
-    # The rescuer looks for expired leases among claimed rows only.
+    # The rescuer looks for expired leases among running steps only.
     Index(
-        "operations_claimed_lease",
+        "operations_leased",
         operations.c.lease_expires_at,
-        postgresql_where=operations.c.state == "claimed",
+        postgresql_where=operations.c.lease_owner.isnot(None),
+    )
+    # Operations resting in a custom lifecycle's own states (between steps, or parked).
+    Index(
+        "operations_resting",
+        operations.c.channel,
+        operations.c.priority.desc(),
+        operations.c.run_at,
+        operations.c.id,
+        postgresql_where=text(
+            "lease_owner IS NULL AND state NOT IN "
+            "('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')"
+        ),
+    )
+    # The unfinished operations of each ordering key, oldest first.
+    Index(
+        "operations_ordering",
+        operations.c.ordering_key,
+        operations.c.id,
+        postgresql_where=text(
+            "ordering_key IS NOT NULL AND state NOT IN ('succeeded', 'cancelled')"
+        ),
     )
 
     audit_log = Table(
@@ -211,6 +255,31 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("started_at", _timestamptz(), nullable=False, server_default=_NOW),
         Column("heartbeat_at", _timestamptz(), nullable=False, server_default=_NOW),
         PrimaryKeyConstraint("id", name="workers_pkey"),
+    )
+
+    Table(
+        "lifecycles",
+        metadata,
+        Column("name", Text, nullable=False),
+        Column("version", Integer, nullable=False),
+        Column("digest", Text, nullable=False),
+        Column("definition", JSONB, nullable=False),
+        Column("registered_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("registered_by", Text, nullable=False, server_default=text("CURRENT_USER")),
+        PrimaryKeyConstraint("name", "version", name="lifecycles_pkey"),
+        CheckConstraint("version >= 1", name="lifecycles_version_check"),
+        comment="Every registered version of every custom lifecycle; the newest is in "
+        "lifecycle_transitions.",
+    )
+
+    Table(
+        "lifecycle_types",
+        metadata,
+        Column("operation_type", Text, nullable=False),
+        Column("lifecycle", Text, nullable=False),
+        PrimaryKeyConstraint("operation_type", name="lifecycle_types_pkey"),
+        comment="The lifecycle each operation type runs; types not listed run the default "
+        "lifecycle.",
     )
 
     Table(

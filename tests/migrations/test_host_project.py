@@ -245,6 +245,8 @@ async def test_host_alembic_upgrade_heads_creates_host_and_pgoutbox_tables_from_
         assert [r["tablename"] for r in tables] == [
             "audit_log",
             "lifecycle_transitions",
+            "lifecycle_types",
+            "lifecycles",
             "operations",
             "purges",
             "schema_revision",
@@ -256,7 +258,7 @@ async def test_host_alembic_upgrade_heads_creates_host_and_pgoutbox_tables_from_
             "WHERE n.nspname = $1 AND NOT t.tgisinternal",
             schema,
         )
-        assert n_triggers == 10
+        assert n_triggers == 11
         versions_rows = await conn.fetch("SELECT version_num FROM public.alembic_version")
         assert sorted(r["version_num"] for r in versions_rows) == sorted(
             [migrations.head_revision(), "host_0001"]

@@ -32,6 +32,8 @@ PGOUTBOX_TABLES = {
     "operations",
     "audit_log",
     "lifecycle_transitions",
+    "lifecycles",
+    "lifecycle_types",
     "workers",
     "schema_revision",
     "purges",
@@ -40,6 +42,7 @@ PGOUTBOX_TABLES = {
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.
 PGOUTBOX_TRIGGERS = {
     ("operations", "a_operations_immutable"),
+    ("operations", "a_operations_lifecycle"),
     ("operations", "a_operations_unaudited"),
     ("operations", "b_operations_before_insert"),
     ("operations", "b_operations_after_insert"),
@@ -333,7 +336,12 @@ async def test_migrated_catalog_equals_the_catalog_schema_py_creates(
     for part in _CATALOG_QUERIES:
         assert migrated[part] == described[part], part
     partial = {row[1]: row[2] for row in migrated["indexes"] if " WHERE " in row[2]}
-    assert set(partial) == {"operations_claimable", "operations_claimed_lease"}
+    assert set(partial) == {
+        "operations_claimable",
+        "operations_leased",
+        "operations_resting",
+        "operations_ordering",
+    }
 
 
 async def test_migration_creates_the_audit_triggers_enabled_always(
