@@ -40,6 +40,10 @@ async def _claim(conn: asyncpg.Connection, schema: str, channel: str, batch: int
         *q.args(
             channel=channel,
             operation_types=[OPERATION_TYPE],
+            lifecycles=["default"],
+            has_steps=False,
+            step_types=[],
+            step_states=[],
             batch_size=batch,
             worker_id=WORKER_ID,
             lease_seconds=LEASE_SECONDS,
@@ -54,6 +58,10 @@ async def _record(conn: asyncpg.Connection, schema: str, rows: list) -> int:
         *q.args(
             ids=[row["id"] for row in rows],
             versions=[row["version"] for row in rows],
+            to_states=["succeeded"] * len(rows),
+            triggers=["succeed"] * len(rows),
+            new_steps=[False] * len(rows),
+            wait_seconds=[None] * len(rows),
             worker_id=WORKER_ID,
         ),
     )

@@ -72,7 +72,10 @@ class HandlerContext:
 
     ``idempotency_key`` is stable across attempts of one operation: pass it to the external
     API (e.g. a payment provider's idempotency key) so a retried attempt cannot charge twice.
-    It is the key the operation was published with, or ``pgoutbox-<schema>-<id>``.
+    It is the key the operation was published with, or ``pgoutbox-<schema>-<id>``; each step
+    of a custom lifecycle gets its own, ``<that key>:<step>``. ``attempt`` counts the attempts
+    of this step (``max_attempts`` applies to each step), and ``step`` is the state the step
+    runs in (``claimed`` for the first).
     """
 
     operation_id: int
@@ -83,3 +86,4 @@ class HandlerContext:
     session: GuardedSession | None
     logger: logging.LoggerAdapter[logging.Logger]
     worker_id: str
+    step: str = "claimed"

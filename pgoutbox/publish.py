@@ -49,6 +49,7 @@ PUBLISH_KEYS = frozenset(
         "idempotency_key",
         "priority",
         "max_attempts",
+        "ordering_key",
     }
 )
 
@@ -63,6 +64,7 @@ async def publish_operation(
     *,
     priority: int = 0,
     max_attempts: int | None = None,
+    ordering_key: str | None = None,
 ) -> OperationId:
     """Record the intent to run ``operation_type`` with ``payload``; return its id.
 
@@ -81,6 +83,11 @@ async def publish_operation(
     Invalid input raises :class:`PublishError` before anything is written. Inside an
     OpenTelemetry span (with ``pgoutbox[otel]``), the trace context is stored with the
     operation and its attempts continue that trace.
+
+    Operations sharing an ``ordering_key`` (e.g. ``"order-42"``) run one at a time, in publish
+    order, whatever their type: one starts only when every earlier one of its key has
+    succeeded or been cancelled. A ``dead`` one holds the rest back until an operator replays
+    or cancels it.
     """
     row = _validated(
         dict(
@@ -91,6 +98,7 @@ async def publish_operation(
             idempotency_key=idempotency_key,
             priority=priority,
             max_attempts=max_attempts,
+            ordering_key=ordering_key,
         ),
         _max_payload_bytes(session),
     )
@@ -151,6 +159,7 @@ async def publish_many(
         "idempotency_keys": [r["idempotency_key"] for r in rows],
         "priorities": [r["priority"] for r in rows],
         "max_attempts": [r["max_attempts"] for r in rows],
+        "ordering_keys": [r["ordering_key"] for r in rows],
         "created_by": None,
         "trace_context": capture_trace_context(),  # the whole batch is published in one span
     }
@@ -279,6 +288,17 @@ def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
         or not 1 <= max_attempts <= _INT32
     ):
         raise PublishError(f"invalid max_attempts {max_attempts!r}: an integer >= 1, or None")
+    ordering_key = item.get("ordering_key")
+    if ordering_key is not None and (
+        not isinstance(ordering_key, str)
+        or not ordering_key
+        or len(ordering_key) > _MAX_KEY_CHARS
+        or "\x00" in ordering_key
+    ):
+        raise PublishError(
+            f"invalid ordering_key {ordering_key!r}: a non-empty string of at most "
+            f"{_MAX_KEY_CHARS} characters without NUL (e.g. 'order-42'), or None"
+        )
     return {
         "operation_type": operation_type,
         "channel": channel,
@@ -287,4 +307,5 @@ def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
         "idempotency_key": key,
         "priority": priority,
         "max_attempts": max_attempts,
+        "ordering_key": ordering_key,
     }

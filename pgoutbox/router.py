@@ -9,17 +9,25 @@ Composition rules, all of them, in one place (:meth:`WorkflowRouter.handlers` ap
 2. Options (``max_attempts``, ``retry``, ``on_lost``) resolve from the nearest level that sets
    them: the handler, then its router, then each including router outward, then the library
    defaults. A child overrides its parent.
-3. Two handlers for the same full operation type are an error, as are including a router into
-   itself or into one of its own descendants (a cycle), and malformed prefixes or types.
+3. Two handlers for the same full operation type (and step) are an error, as are including a
+   router into itself or into one of its own descendants (a cycle), and malformed prefixes or
+   types.
+4. An operation type with its own lifecycle (``lifecycle=`` on any one of its handlers) needs a
+   handler for every working state of it: ``@router.on(type)`` runs in ``claimed``, and
+   ``@router.on(type, step="charged")`` in ``charged``. :meth:`WorkflowRouter.handlers` checks
+   that every step is there (a router that is still being built may lack some).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
+
+from pgoutbox.lifecycle import CLAIMED, DEFAULT_LIFECYCLE, Lifecycle
 
 OnLost = Literal["retry", "dead"]
 Handler = Callable[[Any, Any], Awaitable[Any]]
@@ -66,7 +74,12 @@ DEFAULT_RETRY = RetryPolicy()
 
 @dataclass(frozen=True)
 class HandlerSpec:
-    """A registered handler with its resolved options."""
+    """A registered handler with its resolved options.
+
+    For an operation type, :meth:`WorkflowRouter.handlers` gives the spec of its first step
+    (state ``claimed``); ``steps`` holds the specs of its later steps by state, and
+    :meth:`for_step` finds any of them.
+    """
 
     operation_type: str
     fn: Handler
@@ -74,6 +87,13 @@ class HandlerSpec:
     max_attempts: int
     retry: RetryPolicy
     on_lost: OnLost
+    step: str = CLAIMED
+    lifecycle: Lifecycle = DEFAULT_LIFECYCLE
+    steps: Mapping[str, HandlerSpec] = field(default_factory=dict, compare=False)
+
+    def for_step(self, state: str) -> HandlerSpec:
+        """The spec of the step that runs in ``state``."""
+        return self if state == self.step else self.steps[state]
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,8 @@ class _Registration:
     fn: Handler
     transactional: bool
     options: _Options
+    step: str
+    lifecycle: Lifecycle | None
 
 
 @dataclass
@@ -119,7 +141,9 @@ class WorkflowRouter:
     max_attempts: int | None = None
     retry: RetryPolicy | None = None
     on_lost: OnLost | None = None
-    _own: dict[str, _Registration] = field(default_factory=dict, init=False, repr=False)
+    _own: dict[tuple[str, str], _Registration] = field(
+        default_factory=dict, init=False, repr=False
+    )
     _children: list[tuple[str, WorkflowRouter]] = field(
         default_factory=list, init=False, repr=False
     )
@@ -136,14 +160,22 @@ class WorkflowRouter:
         max_attempts: int | None = None,
         retry: RetryPolicy | None = None,
         on_lost: OnLost | None = None,
+        lifecycle: Lifecycle | None = None,
+        step: str = CLAIMED,
     ) -> Callable[[H], H]:
         """Register ``async def handler(ctx, payload)`` for ``operation_type``.
 
         ``transactional=True`` runs it inside one dispatcher-managed transaction
         (``ctx.session``) that commits together with the success transition.
-        ``max_attempts`` caps attempts (default 5), ``retry`` sets the backoff, ``on_lost``
-        says what happens when the worker is lost mid-handler: ``"retry"`` (default) or
-        ``"dead"`` for side effects that must never be repeated blindly.
+        ``max_attempts`` caps attempts (default 5; per step), ``retry`` sets the backoff,
+        ``on_lost`` says what happens when the worker is lost mid-handler: ``"retry"``
+        (default) or ``"dead"`` for side effects that must never be repeated blindly.
+
+        ``lifecycle`` gives the type its own :class:`~pgoutbox.lifecycle.Lifecycle` (say it
+        on one of the type's handlers); ``step`` names the working state this handler runs in
+        (default ``claimed``, the first step). A step returns the name of the trigger to fire
+        next, e.g. ``return "charge"``; with the default lifecycle the return value is ignored
+        and the operation succeeds.
         """
         if not isinstance(operation_type, str) or not _NAME.fullmatch(operation_type):
             raise RouterError(
@@ -151,6 +183,19 @@ class WorkflowRouter:
                 "digits, _ : - (e.g. 'charge' or 'billing.charge')"
             )
         _check_options(max_attempts, retry, on_lost, f"handler {operation_type!r}")
+        if lifecycle is not None and not isinstance(lifecycle, Lifecycle):
+            raise RouterError(
+                f"handler {operation_type!r}: lifecycle must be a Lifecycle (Lifecycle.define"
+                f"(...)), got {lifecycle!r}"
+            )
+        if not isinstance(step, str) or not step:
+            raise RouterError(f"handler {operation_type!r}: invalid step {step!r}, a state name")
+        if lifecycle is not None and step not in lifecycle.working:
+            raise RouterError(
+                f"handler {operation_type!r}: {step!r} is not a working state of lifecycle "
+                f"{lifecycle.name!r} (working states: {', '.join(sorted(lifecycle.working))})"
+            )
+        key = (operation_type, step)
 
         def register(fn: H) -> H:
             handler = fn  # returned unchanged (iscoroutinefunction narrows fn's type below)
@@ -159,17 +204,20 @@ class WorkflowRouter:
                     f"handler for {operation_type!r} must be an async function "
                     f"`async def {getattr(fn, '__name__', 'handler')}(ctx, payload)`"
                 )
-            if operation_type in self._own:
+            if key in self._own:
+                where = "" if step == CLAIMED else f" for step {step!r}"
                 raise RouterError(
-                    f"operation type {operation_type!r} already has a handler "
-                    f"({self._own[operation_type].fn.__qualname__}) in this router"
+                    f"operation type {operation_type!r} already has a handler{where} "
+                    f"({self._own[key].fn.__qualname__}) in this router"
                 )
             options = _Options(max_attempts, retry, on_lost)
-            self._own[operation_type] = _Registration(operation_type, fn, transactional, options)
+            self._own[key] = _Registration(
+                operation_type, fn, transactional, options, step, lifecycle
+            )
             try:
-                self.handlers()  # a clash with an included router is an error now, not later
+                self._resolve(complete=False)  # a clash is an error now, not later
             except RouterError:
-                del self._own[operation_type]
+                del self._own[key]
                 raise
             return handler
 
@@ -189,36 +237,82 @@ class WorkflowRouter:
             )
         self._children.append((prefix, router))
         try:
-            self.handlers()
+            self._resolve(complete=False)
         except RouterError:
             self._children.pop()
             raise
 
     def handlers(self) -> Mapping[str, HandlerSpec]:
-        """Every handler reachable from this router, by full operation type."""
-        found: dict[str, HandlerSpec] = {}
-        for spec in self._walk((), _Options()):
-            if spec.operation_type in found:
+        """Every operation type handled from this router, by full name: the spec of its first
+        step, with its later steps in ``steps``. Raises :class:`RouterError` if a type lacks a
+        step of its lifecycle."""
+        return self._resolve(complete=True)
+
+    def _resolve(self, *, complete: bool) -> dict[str, HandlerSpec]:
+        by_type: dict[str, dict[str, tuple[HandlerSpec, Lifecycle | None]]] = {}
+        for spec, lifecycle in self._walk((), _Options()):
+            steps = by_type.setdefault(spec.operation_type, {})
+            if spec.step in steps:
+                where = "" if spec.step == CLAIMED else f" for step {spec.step!r}"
                 raise RouterError(
-                    f"operation type {spec.operation_type!r} has two handlers: "
-                    f"{found[spec.operation_type].fn.__qualname__} and {spec.fn.__qualname__}"
+                    f"operation type {spec.operation_type!r} has two handlers{where}: "
+                    f"{steps[spec.step][0].fn.__qualname__} and {spec.fn.__qualname__}"
                 )
-            found[spec.operation_type] = spec
+            steps[spec.step] = (spec, lifecycle)
+        found: dict[str, HandlerSpec] = {}
+        by_name: dict[str, Lifecycle] = {}
+        for operation_type, steps in by_type.items():
+            lifecycle = _one_lifecycle(operation_type, [lc for _, lc in steps.values()])
+            if lifecycle is not None:
+                known = by_name.setdefault(lifecycle.name, lifecycle)
+                if known.digest != lifecycle.digest:
+                    raise RouterError(
+                        f"two different lifecycles are both named {lifecycle.name!r}; give "
+                        "each definition its own name"
+                    )
+            resolved = lifecycle or DEFAULT_LIFECYCLE
+            for step, (spec, _) in steps.items():
+                if step not in resolved.working:
+                    raise RouterError(
+                        f"operation type {operation_type!r}: handler {spec.fn.__qualname__} "
+                        f"runs step {step!r}, but lifecycle {resolved.name!r} has no such "
+                        f"working state (working states: {', '.join(sorted(resolved.working))})"
+                    )
+            if complete:
+                missing = sorted(resolved.working - set(steps))
+                if missing:
+                    raise RouterError(
+                        f"operation type {operation_type!r} (lifecycle {resolved.name!r}) has no "
+                        f"handler for step(s) {', '.join(map(repr, missing))}: register "
+                        f"@router.on({operation_type!r}, step=...) for each working state"
+                    )
+            specs = {
+                step: dataclasses.replace(spec, lifecycle=resolved)
+                for step, (spec, _) in steps.items()
+            }
+            first = specs.get(CLAIMED) or next(iter(specs.values()))
+            found[operation_type] = dataclasses.replace(
+                first, steps={s: v for s, v in specs.items() if s != first.step}
+            )
         return found
 
-    def _walk(self, prefixes: tuple[str, ...], outer: _Options) -> Iterator[HandlerSpec]:
+    def _walk(
+        self, prefixes: tuple[str, ...], outer: _Options
+    ) -> Iterator[tuple[HandlerSpec, Lifecycle | None]]:
         here = (*prefixes, self.prefix) if self.prefix else prefixes
         options = _Options(self.max_attempts, self.retry, self.on_lost).under(outer)
         for registration in self._own.values():
             resolved = registration.options.under(options)
-            yield HandlerSpec(
+            spec = HandlerSpec(
                 operation_type=".".join((*here, registration.name)),
                 fn=registration.fn,
                 transactional=registration.transactional,
                 max_attempts=resolved.max_attempts or DEFAULT_MAX_ATTEMPTS,
                 retry=resolved.retry or DEFAULT_RETRY,
                 on_lost=resolved.on_lost or "retry",
+                step=registration.step,
             )
+            yield spec, registration.lifecycle
         for include_prefix, child in self._children:
             yield from child._walk((*here, include_prefix) if include_prefix else here, options)
 
@@ -226,6 +320,17 @@ class WorkflowRouter:
         for _, child in self._children:
             yield child
             yield from child._descendants()
+
+
+def _one_lifecycle(operation_type: str, declared: list[Lifecycle | None]) -> Lifecycle | None:
+    given = {lc.digest: lc for lc in declared if lc is not None}
+    if len(given) > 1:
+        names = sorted(lc.name for lc in given.values())
+        raise RouterError(
+            f"operation type {operation_type!r}: its handlers declare different lifecycles "
+            f"({', '.join(names)}); say lifecycle= once, or the same one on each"
+        )
+    return next(iter(given.values()), None)
 
 
 def _check_prefix(prefix: str) -> None:

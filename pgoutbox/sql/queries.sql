@@ -7,11 +7,11 @@
 WITH inserted AS (
     INSERT INTO {s}.operations
         (operation_type, channel, payload, run_at, idempotency_key, priority, max_attempts,
-         created_by, trace_context)
+         created_by, trace_context, ordering_key)
     VALUES (:operation_type, :channel, CAST(:payload AS jsonb),
             coalesce(CAST(:run_at AS timestamptz), now()), :idempotency_key, :priority,
             :max_attempts, coalesce(:created_by, current_user),
-            CAST(:trace_context AS jsonb))
+            CAST(:trace_context AS jsonb), :ordering_key)
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
 )
@@ -23,16 +23,16 @@ SELECT id, pg_notify(:channel, id::text) FROM inserted;
 WITH inserted AS (
     INSERT INTO {s}.operations
         (operation_type, channel, payload, run_at, idempotency_key, priority, max_attempts,
-         created_by, trace_context)
+         created_by, trace_context, ordering_key)
     SELECT operation_type, channel, CAST(payload AS jsonb), coalesce(run_at, now()),
            idempotency_key, priority, max_attempts, coalesce(:created_by, current_user),
-           CAST(:trace_context AS jsonb)
+           CAST(:trace_context AS jsonb), ordering_key
     FROM unnest(CAST(:operation_types AS text[]), CAST(:channels AS text[]),
                 CAST(:payloads AS text[]), CAST(:run_ats AS timestamptz[]),
                 CAST(:idempotency_keys AS text[]), CAST(:priorities AS integer[]),
-                CAST(:max_attempts AS integer[]))
+                CAST(:max_attempts AS integer[]), CAST(:ordering_keys AS text[]))
          WITH ORDINALITY AS batch(operation_type, channel, payload, run_at, idempotency_key,
-                                  priority, max_attempts, position)
+                                  priority, max_attempts, ordering_key, position)
     ORDER BY position
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id, channel, idempotency_key
@@ -55,70 +55,125 @@ FROM unnest(CAST(:idempotency_keys AS text[]), CAST(:operation_types AS text[]),
 JOIN {s}.operations o ON o.idempotency_key = given.idempotency_key;
 
 -- name: operations_claim_batch
--- Lock due operations of this channel and these types, highest priority then oldest first,
--- lease them, and return them in that order (the order the work loops start them in), each
--- with its publisher's trace context and how long it waited since due (for the metrics).
+-- Lock due operations of this channel and these (type, lifecycle) pairs, highest priority then
+-- oldest first, lease them, and return them in that order (the order the work loops start them
+-- in), each with its publisher's trace context and how long it waited since due (for the
+-- metrics). Two kinds are due: pending/failed ones (their first step: claimed), and -- only if
+-- :has_steps -- ones resting in a later step's state (claimed in place, the state unchanged).
+-- One with an ordering key waits until every earlier operation of its key is finished.
 -- MATERIALIZED: the planner must not fold the CTE into the UPDATE, or the LIMIT and the
 -- SKIP LOCKED row locks would no longer be applied once, before the update.
-WITH due AS MATERIALIZED (
-    SELECT id
-    FROM {s}.operations
-    WHERE state IN ('pending', 'failed')
-      AND channel = :channel
-      AND run_at <= now()
-      AND operation_type = ANY(CAST(:operation_types AS text[]))
+WITH handled AS MATERIALIZED (
+    SELECT * FROM unnest(CAST(:operation_types AS text[]), CAST(:lifecycles AS text[]))
+        AS h(operation_type, lifecycle)
+), due AS MATERIALIZED (
+    SELECT id FROM (
+        SELECT * FROM (
+            SELECT o.id, o.priority, o.run_at
+            FROM {s}.operations o
+            WHERE o.state IN ('pending', 'failed')
+              AND o.channel = :channel
+              AND o.run_at <= now()
+              AND (o.operation_type, o.lifecycle) IN (SELECT * FROM handled)
+              AND (o.ordering_key IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM {s}.operations p
+                  WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+                    AND p.state NOT IN ('succeeded', 'cancelled')))
+            ORDER BY o.priority DESC, o.run_at, o.id
+            LIMIT :batch_size
+            FOR UPDATE OF o SKIP LOCKED
+        ) first_steps
+        UNION ALL
+        SELECT * FROM (
+            SELECT o.id, o.priority, o.run_at
+            FROM {s}.operations o
+            WHERE CAST(:has_steps AS boolean)
+              -- the predicate of the operations_resting index
+              AND o.lease_owner IS NULL
+              AND o.state NOT IN ('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')
+              AND o.channel = :channel
+              AND o.run_at <= now()
+              AND (o.operation_type, o.state) IN (
+                  SELECT * FROM unnest(CAST(:step_types AS text[]), CAST(:step_states AS text[])))
+              AND (o.ordering_key IS NULL OR NOT EXISTS (
+                  SELECT 1 FROM {s}.operations p
+                  WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+                    AND p.state NOT IN ('succeeded', 'cancelled')))
+            ORDER BY o.priority DESC, o.run_at, o.id
+            LIMIT :batch_size
+            FOR UPDATE OF o SKIP LOCKED
+        ) later_steps
+    ) candidates
     ORDER BY priority DESC, run_at, id
     LIMIT :batch_size
-    FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE {s}.operations o
-    SET state = 'claimed', transition = 'claim', transition_actor = :worker_id,
-        attempts = o.attempts + 1, version = o.version + 1,
+    SET state = CASE WHEN o.state IN ('pending', 'failed') THEN 'claimed' ELSE o.state END,
+        transition = 'claim', transition_actor = :worker_id,
+        attempts = o.attempts + 1, step_attempts = o.step_attempts + 1,
+        version = o.version + 1,
         lease_owner = :worker_id,
         lease_expires_at = now() + make_interval(secs => :lease_seconds)
     FROM due
     WHERE o.id = due.id
-    RETURNING o.id, o.operation_type, o.payload, o.attempts, o.max_attempts, o.version,
-              o.idempotency_key, o.priority, o.run_at, o.trace_context,
+    RETURNING o.id, o.operation_type, o.state, o.payload, o.attempts, o.step_attempts,
+              o.max_attempts, o.version, o.idempotency_key, o.priority, o.run_at,
+              o.trace_context,
               -- run_at is not changed by the claim: this is the wait since the op became due.
               CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
 )
 -- RETURNING has no defined order: sort explicitly.
-SELECT id, operation_type, payload, attempts, max_attempts, version, idempotency_key,
-       trace_context, queue_age_seconds
+SELECT id, operation_type, state, payload, attempts, step_attempts, max_attempts, version,
+       idempotency_key, trace_context, queue_age_seconds
 FROM claimed
 ORDER BY priority DESC, run_at, id;
 
 -- name: operations_record_success
--- Fenced: only the attempt that still holds the lease (same version) can succeed.
+-- Fenced: only the attempt that still holds the lease (same version) can record its step's
+-- outcome: the trigger it named, into the state that trigger leads to. Entering a new step
+-- starts its attempt count afresh; entering a parking state with a timeout sets when it fires.
 UPDATE {s}.operations o
-SET state = 'succeeded', transition = 'succeed', transition_actor = :worker_id,
-    version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL
-FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[])) AS done(id, version)
-WHERE o.id = done.id AND o.version = done.version AND o.state = 'claimed'
+SET state = done.to_state, transition = done.trigger, transition_actor = :worker_id,
+    version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL,
+    step_attempts = CASE WHEN done.new_step THEN 0 ELSE o.step_attempts END,
+    run_at = CASE WHEN done.wait_seconds IS NULL THEN o.run_at
+             ELSE now() + make_interval(secs => done.wait_seconds) END
+FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:to_states AS text[]),
+            CAST(:triggers AS text[]), CAST(:new_steps AS boolean[]),
+            CAST(:wait_seconds AS float8[]))
+     AS done(id, version, to_state, trigger, new_step, wait_seconds)
+WHERE o.id = done.id AND o.version = done.version AND o.lease_owner = :worker_id
 RETURNING o.id;
 
 -- name: operations_record_failure
--- Fenced like success. Retries wait base * 2^(attempt-1) seconds (capped), with jitter, in
--- database time; attempts exhausted or a non-retryable error give up.
+-- Fenced like success. A failed step waits in its retry state (failed, or a later step's own
+-- state) base * 2^(attempt-1) seconds (capped), with jitter, in database time; attempts of the
+-- step exhausted or a non-retryable error give up (to dead, or where the lifecycle says).
 UPDATE {s}.operations o
-SET state = CASE WHEN f.give_up OR o.attempts >= f.max_attempts THEN 'dead' ELSE 'failed' END,
-    transition = CASE WHEN f.give_up OR o.attempts >= f.max_attempts THEN 'give_up' ELSE 'fail' END,
+SET state = CASE WHEN f.give_up OR o.step_attempts >= f.max_attempts THEN f.give_up_state
+            ELSE f.retry_state END,
+    transition = CASE WHEN f.give_up OR o.step_attempts >= f.max_attempts THEN 'give_up'
+                 ELSE 'fail' END,
     transition_actor = :worker_id,
     transition_detail = f.detail,
     last_error = f.error,
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL,
-    run_at = CASE WHEN f.give_up OR o.attempts >= f.max_attempts THEN o.run_at
+    step_attempts = CASE WHEN (f.give_up OR o.step_attempts >= f.max_attempts)
+                              AND f.give_up_new_step THEN 0 ELSE o.step_attempts END,
+    run_at = CASE WHEN f.give_up OR o.step_attempts >= f.max_attempts THEN o.run_at
              ELSE now() + make_interval(secs => least(f.backoff_max,
                       -- capped exponent: 2^1024 overflows float8 and would fail the batch
-                      f.backoff_base * power(2, least(o.attempts - 1, 64)))
+                      f.backoff_base * power(2, least(o.step_attempts - 1, 64)))
                       * (1 - f.jitter * random())) END
 FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:errors AS text[]),
             CAST(:details AS text[]), CAST(:give_ups AS boolean[]),
             CAST(:max_attempts AS integer[]), CAST(:backoff_bases AS float8[]),
-            CAST(:backoff_maxes AS float8[]), CAST(:jitters AS float8[]))
-     AS f(id, version, error, detail, give_up, max_attempts, backoff_base, backoff_max, jitter)
-WHERE o.id = f.id AND o.version = f.version AND o.state = 'claimed'
+            CAST(:backoff_maxes AS float8[]), CAST(:jitters AS float8[]),
+            CAST(:retry_states AS text[]), CAST(:give_up_states AS text[]),
+            CAST(:give_up_new_steps AS boolean[]))
+     AS f(id, version, error, detail, give_up, max_attempts, backoff_base, backoff_max, jitter,
+          retry_state, give_up_state, give_up_new_step)
+WHERE o.id = f.id AND o.version = f.version AND o.lease_owner = :worker_id
 RETURNING o.id, o.state;
 
 -- name: operations_record_rejected
@@ -136,7 +191,8 @@ SELECT EXISTS (
     SELECT 1
     FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS given(id, attempt)
     JOIN {s}.audit_log a ON a.operation_id = given.id AND a.attempt = given.attempt
-    WHERE a.actor = :worker_id AND a.trigger IN ('succeed', 'fail', 'give_up')
+    -- the row after the claim: the step's outcome, whatever trigger it named
+    WHERE a.actor = :worker_id AND a.trigger NOT IN ('claim', 'reject')
 );
 
 -- name: operations_extend_leases
@@ -148,7 +204,7 @@ WITH held AS MATERIALIZED (
     FROM {s}.operations o
     JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[])) AS given(id, version)
       ON o.id = given.id AND o.version = given.version
-    WHERE o.state = 'claimed' AND o.lease_owner = :worker_id
+    WHERE o.lease_owner = :worker_id
     FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE {s}.operations o
@@ -158,23 +214,27 @@ WHERE o.id = held.id
 RETURNING o.id;
 
 -- name: operations_rescue_expired
--- Move operations whose lease expired (their worker died or stalled) to failed or dead, per
--- the handler's on_lost policy. Fenced by the row lock: a worker recording at the same moment
--- either wins (state is no longer claimed) or finds the version changed.
+-- Move operations whose lease expired (their worker died or stalled) to their step's retry
+-- state (failed, or a later step's own state) or to dead, per the step's on_lost policy and
+-- attempts. Fenced by the row lock: a worker recording at the same moment either wins (the
+-- lease is gone) or finds the version changed.
 WITH expired AS MATERIALIZED (
     SELECT o.id, p.on_lost_dead, p.max_attempts
     FROM {s}.operations o
-    JOIN unnest(CAST(:operation_types AS text[]), CAST(:on_lost_dead AS boolean[]),
-                CAST(:max_attempts AS integer[])) AS p(operation_type, on_lost_dead, max_attempts)
-      ON p.operation_type = o.operation_type
-    WHERE o.state = 'claimed' AND o.lease_expires_at < now() AND o.channel = :channel
+    JOIN unnest(CAST(:operation_types AS text[]), CAST(:steps AS text[]),
+                CAST(:on_lost_dead AS boolean[]), CAST(:max_attempts AS integer[]))
+         AS p(operation_type, step, on_lost_dead, max_attempts)
+      ON p.operation_type = o.operation_type AND p.step = o.state
+    WHERE o.lease_owner IS NOT NULL AND o.lease_expires_at < now() AND o.channel = :channel
     ORDER BY o.lease_expires_at
     LIMIT :limit
     FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE {s}.operations o
-SET state = CASE WHEN e.on_lost_dead OR o.attempts >= coalesce(o.max_attempts, e.max_attempts)
-                 THEN 'dead' ELSE 'failed' END,
+SET state = CASE WHEN e.on_lost_dead
+                      OR o.step_attempts >= coalesce(o.max_attempts, e.max_attempts) THEN 'dead'
+                 WHEN o.state = 'claimed' THEN 'failed'
+                 ELSE o.state END,
     transition = 'lose', transition_actor = :worker_id,
     transition_detail = 'lease of ' || coalesce(o.lease_owner, '?') || ' expired at '
         || o.lease_expires_at::text
@@ -186,27 +246,66 @@ FROM expired e
 WHERE o.id = e.id
 RETURNING o.id, o.state, o.operation_type;
 
--- name: operations_release
--- Graceful stop: hand back operations whose handler did not finish in time.
+-- name: operations_expire_parked
+-- Fire the timeout trigger of operations parked longer than their state allows (run_at is set
+-- to the deadline on entry). A working state it leads to is claimable at once.
+WITH expired AS MATERIALIZED (
+    SELECT o.id, t.trigger, t.to_state, t.new_step
+    FROM {s}.operations o
+    JOIN unnest(CAST(:lifecycles AS text[]), CAST(:states AS text[]),
+                CAST(:triggers AS text[]), CAST(:to_states AS text[]),
+                CAST(:new_steps AS boolean[]))
+         AS t(lifecycle, state, trigger, to_state, new_step)
+      ON t.lifecycle = o.lifecycle AND t.state = o.state
+    -- the predicate of the operations_resting index
+    WHERE o.lease_owner IS NULL
+      AND o.state NOT IN ('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')
+      AND o.channel = :channel AND o.run_at <= now()
+    ORDER BY o.run_at
+    LIMIT :limit
+    FOR UPDATE OF o SKIP LOCKED
+)
 UPDATE {s}.operations o
-SET state = CASE WHEN r.on_lost_dead THEN 'dead' ELSE 'pending' END,
+SET state = e.to_state, transition = e.trigger, transition_actor = :worker_id,
+    transition_detail = 'timed out: parked in ' || o.state || ' since '
+        || o.updated_at::text || ', due to move on at ' || o.run_at::text,
+    step_attempts = CASE WHEN e.new_step THEN 0 ELSE o.step_attempts END,
+    version = o.version + 1, run_at = now()
+FROM expired e
+WHERE o.id = e.id
+RETURNING o.id, o.state;
+
+-- name: operations_release
+-- Graceful stop: hand back operations whose handler did not finish in time (to where their
+-- step starts again, or to dead for a started step with on_lost=dead).
+UPDATE {s}.operations o
+SET state = r.to_state,
     transition = CASE WHEN r.on_lost_dead THEN 'lose' ELSE 'release' END,
     transition_actor = :worker_id,
     transition_detail = 'worker stopped before the handler finished',
     last_error = CASE WHEN r.on_lost_dead THEN 'worker stopped mid-handler (on_lost=dead)'
                  ELSE o.last_error END,
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL
-FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:on_lost_dead AS boolean[]))
-     AS r(id, version, on_lost_dead)
-WHERE o.id = r.id AND o.version = r.version AND o.state = 'claimed'
+FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:on_lost_dead AS boolean[]),
+            CAST(:to_states AS text[]))
+     AS r(id, version, on_lost_dead, to_state)
+WHERE o.id = r.id AND o.version = r.version AND o.lease_owner = :worker_id
 RETURNING o.id;
 
 -- name: operations_next_run_at
 -- When the next operation this worker could claim becomes due (NULL: none waiting).
-SELECT min(run_at) - now() AS wait
-FROM {s}.operations
-WHERE state IN ('pending', 'failed') AND channel = :channel
-  AND operation_type = ANY(CAST(:operation_types AS text[]));
+SELECT least(
+    (SELECT min(run_at) FROM {s}.operations
+     WHERE state IN ('pending', 'failed') AND channel = :channel
+       AND operation_type = ANY(CAST(:operation_types AS text[]))),
+    (SELECT min(o.run_at) FROM {s}.operations o
+     WHERE CAST(:has_steps AS boolean)
+       AND o.lease_owner IS NULL
+       AND o.state NOT IN ('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')
+       AND o.channel = :channel
+       AND (o.operation_type, o.state) IN (
+           SELECT * FROM unnest(CAST(:step_types AS text[]), CAST(:step_states AS text[]))))
+) - now() AS wait;
 
 -- name: workers_register
 -- Announce a live worker (operators see it in `pgoutbox workers`).

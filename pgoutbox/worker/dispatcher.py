@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pgoutbox import observability
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext
+from pgoutbox.lifecycle import CLAIMED, FINISHED_STATES, Lifecycle
 from pgoutbox.router import HandlerSpec
 from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
@@ -46,6 +47,10 @@ class LeaseLost(Exception):
     """The operation's lease went to someone else before its outcome could be recorded."""
 
 
+class StepResultError(Exception):
+    """A step returned something that is not a trigger its state allows: the attempt fails."""
+
+
 @dataclass(slots=True)
 class Claimed:
     """An operation this worker holds."""
@@ -53,11 +58,13 @@ class Claimed:
     id: int
     operation_type: str
     payload: str
-    attempt: int
+    attempt: int  # of the operation, as its audit rows number them
+    step_attempt: int  # of the step running now; max_attempts applies to it
     max_attempts: int
     version: int
     idempotency_key: str
-    spec: HandlerSpec
+    spec: HandlerSpec  # the step's
+    step: str  # the state the step runs in: claimed, or a later working state
     trace_context: str | None = None  # the publisher's, as JSON (see pgoutbox.observability)
     finished: bool = False  # the handler is done: the heartbeat leaves it to the recorder
 
@@ -71,6 +78,8 @@ class Outcome:
     give_up: bool = False
     committed: bool = False
     lease_lost: bool = False
+    trigger: str = "succeed"  # on success: the trigger the step named
+    to_state: str = "succeeded"
 
 
 class Dispatcher:
@@ -90,6 +99,10 @@ class Dispatcher:
         self._schema, self._handlers, self.worker_id = schema, handlers, worker_id
         self._sessions = sessions
         self._types = sorted(handlers)
+        self._lifecycles = [handlers[t].lifecycle.name for t in self._types]
+        later = [(t, s) for t in self._types for s in sorted(handlers[t].lifecycle.step_states)]
+        self._step_types = [t for t, _ in later]
+        self._step_states = [s for _, s in later]
         # Room for one more batch than the handlers can run: the next claim overlaps the
         # recording of the last batch. Claimed operations wait in the queue, their leases
         # extended by the heartbeat.
@@ -202,6 +215,10 @@ class Dispatcher:
                 *q.args(
                     channel=self._settings.channel,
                     operation_types=self._types,
+                    lifecycles=self._lifecycles,
+                    has_steps=bool(self._step_types),
+                    step_types=self._step_types,
+                    step_states=self._step_states,
                     batch_size=limit,
                     worker_id=self.worker_id,
                     lease_seconds=self._settings.lease_seconds,
@@ -212,16 +229,21 @@ class Dispatcher:
             observability.metrics.observe_claim(elapsed, rows)
         claimed = []
         for row in rows:
-            spec = self._handlers[row["operation_type"]]
+            step = row["state"]
+            spec = self._handlers[row["operation_type"]].for_step(step)
+            key = row["idempotency_key"] or f"pgoutbox-{self._schema}-{row['id']}"
             op = Claimed(
                 id=row["id"],
                 operation_type=row["operation_type"],
                 payload=row["payload"],
                 attempt=row["attempts"],
+                step_attempt=row["step_attempts"],
                 max_attempts=row["max_attempts"] or spec.max_attempts,
                 version=row["version"],
-                idempotency_key=row["idempotency_key"] or f"pgoutbox-{self._schema}-{row['id']}",
+                # Every step of a multi-step lifecycle has its own stable key.
+                idempotency_key=f"{key}:{step}" if spec.lifecycle.custom else key,
                 spec=spec,
+                step=step,
                 trace_context=row["trace_context"],
             )
             self.in_flight[op.id] = op
@@ -238,7 +260,13 @@ class Dispatcher:
             async with self._pool.acquire() as conn:
                 wait = await conn.fetchval(
                     q.asyncpg_sql,
-                    *q.args(channel=self._settings.channel, operation_types=self._types),
+                    *q.args(
+                        channel=self._settings.channel,
+                        operation_types=self._types,
+                        has_steps=bool(self._step_types),
+                        step_types=self._step_types,
+                        step_states=self._step_states,
+                    ),
                 )
         except CONNECTION_ERRORS:
             return poll
@@ -285,8 +313,9 @@ class Dispatcher:
             payload = json.loads(op.payload)
             if op.spec.transactional:
                 return await self._execute_transactional(op, payload, ctx_logger)
-            await op.spec.fn(self._context(op, None, ctx_logger), payload)
-            return Outcome(op)
+            result = await op.spec.fn(self._context(op, None, ctx_logger), payload)
+            trigger, to_state = _next_state(op, result)
+            return Outcome(op, trigger=trigger, to_state=to_state)
         except LeaseLost:
             return Outcome(op, lease_lost=True)
         except DoNotRetry as exc:
@@ -312,15 +341,18 @@ class Dispatcher:
         # the commit's own) rolls it all back and is recorded as this attempt's failure.
         async with self._sessions() as session:
             async with session.begin():
-                await op.spec.fn(self._context(op, GuardedSession(session), ctx_logger), payload)
+                result = await op.spec.fn(
+                    self._context(op, GuardedSession(session), ctx_logger), payload
+                )
+                outcome = Outcome(op, committed=True)
+                outcome.trigger, outcome.to_state = _next_state(op, result)
                 recorded = await session.execute(
-                    q.clause(),
-                    {"ids": [op.id], "versions": [op.version], "worker_id": self.worker_id},
+                    q.clause(), {**_success_args([outcome]), "worker_id": self.worker_id}
                 )
                 if recorded.first() is None:
                     raise LeaseLost(op.id)
             op.finished = True  # committed: nothing left for the heartbeat to extend
-        return Outcome(op, committed=True)
+        return outcome
 
     def _context(
         self,
@@ -331,12 +363,13 @@ class Dispatcher:
         return HandlerContext(
             operation_id=op.id,
             operation_type=op.operation_type,
-            attempt=op.attempt,
+            attempt=op.step_attempt,
             max_attempts=op.max_attempts,
             idempotency_key=op.idempotency_key,
             session=session,
             logger=logger,
             worker_id=self.worker_id,
+            step=op.step,
         )
 
     # -- record ------------------------------------------------------------------------------
@@ -419,9 +452,7 @@ class Dispatcher:
         return bool(found)
 
     async def _record(self, batch: list[Outcome]) -> None:
-        successes = [
-            o.op for o in batch if o.error is None and not o.committed and not o.lease_lost
-        ]
+        successes = [o for o in batch if o.error is None and not o.committed and not o.lease_lost]
         failures = [o for o in batch if o.error is not None]
         rejected: dict[int, str] = {
             o.op.id: f"attempt {o.op.attempt} by {self.worker_id} refused: lease lost before "
@@ -437,14 +468,10 @@ class Dispatcher:
                 q = self._q["operations_record_success"]
                 rows = await conn.fetch(
                     q.asyncpg_sql,
-                    *q.args(
-                        ids=[op.id for op in successes],
-                        versions=[op.version for op in successes],
-                        worker_id=self.worker_id,
-                    ),
+                    *q.args(**_success_args(successes), worker_id=self.worker_id),
                 )
                 done = {row["id"] for row in rows}
-                for op in successes:
+                for op in (o.op for o in successes):
                     if op.id not in done:
                         rejected[op.id] = (
                             f"late result of attempt {op.attempt} by {self.worker_id} refused "
@@ -497,6 +524,11 @@ class Dispatcher:
             "backoff_bases": [op.spec.retry.base_seconds for op in ops],
             "backoff_maxes": [op.spec.retry.max_seconds for op in ops],
             "jitters": [op.spec.retry.jitter for op in ops],
+            "retry_states": [FAILED_STATE if op.step == CLAIMED else op.step for op in ops],
+            "give_up_states": [op.spec.lifecycle.give_up_target(op.step) for op in ops],
+            "give_up_new_steps": [
+                op.spec.lifecycle.give_up_target(op.step) not in FINISHED_STATES for op in ops
+            ],
             "worker_id": self.worker_id,
         }
 
@@ -514,6 +546,14 @@ class Dispatcher:
                         ids=[op.id for op in ops],
                         versions=[op.version for op in ops],
                         on_lost_dead=[started and op.spec.on_lost == "dead" for op in ops],
+                        to_states=[
+                            "dead"
+                            if started and op.spec.on_lost == "dead"
+                            else "pending"
+                            if op.step == CLAIMED
+                            else op.step
+                            for op in ops
+                        ],
                         worker_id=self.worker_id,
                     ),
                 )
@@ -530,6 +570,39 @@ class Dispatcher:
                         )
         for op in ops:
             self.in_flight.pop(op.id, None)
+
+
+FAILED_STATE = "failed"
+
+
+def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
+    """The trigger a finished step named and the state it leads to. The default lifecycle's
+    one step always succeeds; a custom lifecycle's step must name one of its state's exits."""
+    lifecycle: Lifecycle = op.spec.lifecycle
+    if not lifecycle.custom:
+        return "succeed", "succeeded"
+    exits = lifecycle.exits(op.step)
+    if not isinstance(result, str) or result not in exits:
+        raise StepResultError(
+            f"step {op.step!r} of {op.operation_type!r} returned {result!r}; it must return the "
+            f"trigger to fire next, one of: {', '.join(sorted(exits))}"
+        )
+    return result, exits[result]
+
+
+def _success_args(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Parameters of ``operations_record_success`` for these successful steps."""
+    timeouts = [o.op.spec.lifecycle.timeouts.get(o.to_state) for o in outcomes]
+    return {
+        "ids": [o.op.id for o in outcomes],
+        "versions": [o.op.version for o in outcomes],
+        "to_states": [o.to_state for o in outcomes],
+        "triggers": [o.trigger for o in outcomes],
+        "new_steps": [
+            o.to_state != o.op.step and o.to_state not in FINISHED_STATES for o in outcomes
+        ],
+        "wait_seconds": [t.seconds if t is not None else None for t in timeouts],
+    }
 
 
 def _storable(text: str) -> str:

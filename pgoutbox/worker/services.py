@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from pgoutbox import observability
+from pgoutbox.lifecycle import FINISHED_STATES
 from pgoutbox.router import HandlerSpec
 from pgoutbox.service import Service
 from pgoutbox.settings import DatabaseSettings
@@ -84,11 +85,13 @@ class RescueResult:
     retried: int
     dead: int
     workers_pruned: int = 0
+    timed_out: int = 0  # parked operations whose timeout trigger fired
 
 
 class Rescuer(Service):
-    """Recovers operations whose lease expired (their worker crashed or stalled), wakes the
-    dispatcher for the retries, and forgets workers silent for ``stale_worker_seconds``."""
+    """Recovers operations whose lease expired (their worker crashed or stalled), fires the
+    timeout trigger of operations parked too long, wakes the dispatcher for what is due now,
+    and forgets workers silent for ``stale_worker_seconds``."""
 
     name = "rescuer"
 
@@ -108,11 +111,25 @@ class Rescuer(Service):
         self._pool, self._q, self._worker_id = pool, queries, worker_id
         self._channel, self._batch = channel, batch
         self._on_rescued, self._stale_worker_seconds = on_rescued, stale_worker_seconds
-        specs = list(handlers.values())
+        steps = [step for s in handlers.values() for step in (s, *s.steps.values())]
         self._policy = {
-            "operation_types": [s.operation_type for s in specs],
-            "on_lost_dead": [s.on_lost == "dead" for s in specs],
-            "max_attempts": [s.max_attempts for s in specs],
+            "operation_types": [s.operation_type for s in steps],
+            "steps": [s.step for s in steps],
+            "on_lost_dead": [s.on_lost == "dead" for s in steps],
+            "max_attempts": [s.max_attempts for s in steps],
+        }
+        lifecycles = {s.lifecycle.name: s.lifecycle for s in handlers.values()}
+        timeouts = [
+            (lc, state, t.trigger, lc.exits(state)[t.trigger])
+            for lc in lifecycles.values()
+            for state, t in sorted(lc.timeouts.items())
+        ]
+        self._timeouts = {
+            "lifecycles": [lc.name for lc, *_ in timeouts],
+            "states": [state for _, state, _, _ in timeouts],
+            "triggers": [trigger for *_, trigger, _ in timeouts],
+            "to_states": [to for *_, to in timeouts],
+            "new_steps": [to not in FINISHED_STATES for *_, to in timeouts],
         }
 
     async def run_once(self) -> RescueResult:
@@ -130,15 +147,29 @@ class Rescuer(Service):
             pruned = await conn.fetch(
                 self._q["workers_prune"].asyncpg_sql, self._stale_worker_seconds
             )
+            timed_out = []
+            if self._timeouts["lifecycles"]:
+                q = self._q["operations_expire_parked"]
+                timed_out = await conn.fetch(
+                    q.asyncpg_sql,
+                    *q.args(
+                        **self._timeouts,
+                        channel=self._channel,
+                        limit=self._batch,
+                        worker_id=self._worker_id,
+                    ),
+                )
         dead = sum(1 for row in rows if row["state"] == "dead")
         if observability.metrics is not None:
             for row in rows:  # the worker that ran these is gone: its rescuer counts them
                 observability.metrics.count_attempt(row["operation_type"], "lost")
         if rows:
             log.warning("rescued %d operations with expired leases (%d dead)", len(rows), dead)
-        if len(rows) > dead and self._on_rescued is not None:
-            self._on_rescued()  # the retries are due now
-        return RescueResult(len(rows) - dead, dead, len(pruned))
+        if timed_out:
+            log.info("%d parked operations timed out", len(timed_out))
+        if (len(rows) > dead or timed_out) and self._on_rescued is not None:
+            self._on_rescued()  # the retries (and steps after a timeout) are due now
+        return RescueResult(len(rows) - dead, dead, len(pruned), len(timed_out))
 
 
 @dataclass(frozen=True)

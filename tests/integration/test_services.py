@@ -38,6 +38,25 @@ async def eventually(check: Any, what: str, within: float = 10) -> None:
         await asyncio.sleep(0.02)
 
 
+def default_lifecycle_only(types: list[str]) -> dict[str, Any]:
+    """The claim's arguments saying every one of ``types`` runs the default lifecycle."""
+    return {
+        "lifecycles": ["default"] * len(types),
+        "has_steps": False,
+        "step_types": [],
+        "step_states": [],
+    }
+
+
+# The record-success arguments of one operation whose (default-lifecycle) step succeeded.
+SUCCEEDED_ONE = {
+    "to_states": ["succeeded"],
+    "triggers": ["succeed"],
+    "new_steps": [False],
+    "wait_seconds": [None],
+}
+
+
 async def claim(
     conn: asyncpg.Connection, q: dict[str, Query], settings: Settings, types: list[str]
 ) -> list[asyncpg.Record]:
@@ -50,6 +69,7 @@ async def claim(
             *claim_batch.args(
                 channel=settings.workflow_system.channel,
                 operation_types=types,
+                **default_lifecycle_only(types),
                 batch_size=100,
                 worker_id=CRASHED,
                 lease_seconds=-1,
@@ -226,6 +246,7 @@ async def test_the_rescuer_leaves_live_leases_other_channels_and_unhandled_types
         *claim_batch.args(
             channel=settings.workflow_system.channel,
             operation_types=["job.retry"],
+            **default_lifecycle_only(["job.retry"]),
             batch_size=1,
             worker_id="alive-worker",
             lease_seconds=300,
@@ -267,7 +288,9 @@ async def test_a_rescue_racing_a_success_skips_the_locked_row_and_never_undoes_t
     try:
         recorded = await conn.fetch(
             record_success.asyncpg_sql,
-            *record_success.args(ids=[op_id], versions=[claimed["version"]], worker_id=CRASHED),
+            *record_success.args(
+                ids=[op_id], versions=[claimed["version"]], worker_id=CRASHED, **SUCCEEDED_ONE
+            ),
         )
         assert [r["id"] for r in recorded] == [op_id]
         # Meanwhile the rescuer sees an expired lease on a row it cannot lock: it skips it.
@@ -297,7 +320,7 @@ async def test_a_success_arriving_after_the_rescue_matches_nothing(
     [claimed] = await claim(conn, q, settings, ["job.retry"])
     record_success = q["operations_record_success"]
     success_args = record_success.args(
-        ids=[op_id], versions=[claimed["version"]], worker_id=CRASHED
+        ids=[op_id], versions=[claimed["version"]], worker_id=CRASHED, **SUCCEEDED_ONE
     )
     rescue = q["operations_rescue_expired"]
     router = policy_router()
@@ -311,6 +334,7 @@ async def test_a_success_arriving_after_the_rescue_matches_nothing(
             rescue.asyncpg_sql,
             *rescue.args(
                 operation_types=list(router.handlers()),
+                steps=["claimed"] * len(router.handlers()),
                 on_lost_dead=[s.on_lost == "dead" for s in router.handlers().values()],
                 max_attempts=[s.max_attempts for s in router.handlers().values()],
                 channel=settings.workflow_system.channel,
