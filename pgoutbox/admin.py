@@ -36,10 +36,13 @@ import asyncpg
 
 from pgoutbox.audit import AuditVerification, verify_chains
 from pgoutbox.db import create_pool
+from pgoutbox.fire import Fired, fire_on
 from pgoutbox.lifecycle import (
+    BUILTIN_STATES,
     CANCELLED,
     DEAD,
     DEFAULT_LIFECYCLE,
+    PENDING,
     SUCCEEDED,
     Lifecycle,
 )
@@ -86,7 +89,6 @@ database's ``now()``."""
 
 Action = Literal["retry", "cancel", "replay"]
 
-_LIFECYCLES: Final[dict[str, Lifecycle]] = {DEFAULT_LIFECYCLE.name: DEFAULT_LIFECYCLE}
 _MAX_ACTOR_CHARS: Final = 200
 
 
@@ -567,6 +569,18 @@ class Admin:
             raise ValueError(f"extra_attempts must be at least 1, not {extra_attempts}")
         return await self._act("replay", ids, actor, reason, extra_attempts)
 
+    async def fire(
+        self, operation_id: int, trigger: str, *, actor: str, detail: str | None = None
+    ) -> Fired:
+        """Fire a declared trigger at an operation (e.g. ``approve`` at a refund parked in
+        ``awaiting_approval``), audited with ``actor`` and ``detail``, in its own transaction.
+        Raises :class:`pgoutbox.fire.FireRefused` (nothing changed) when it is not allowed;
+        see :func:`pgoutbox.fire.fire`."""
+        async with self.pool.acquire() as conn:
+            return await fire_on(
+                conn, self._q, operation_id, trigger, actor=_checked_actor(actor), detail=detail
+            )
+
     async def _act(
         self,
         action: Action,
@@ -597,8 +611,6 @@ class Admin:
     ) -> ActionResult:
         state_before: str | None = None
         args: dict[str, Any] = {"id": operation_id, "actor": actor, "reason": reason}
-        if action == "replay":
-            args["extra_attempts"] = extra_attempts
         try:
             async with conn.transaction():
                 locked = await _fetchrow(
@@ -609,14 +621,34 @@ class Admin:
                         f"cannot {action} operation {operation_id}: no such operation"
                     )
                 state_before = locked["state"]
+                lifecycle = _lifecycle(locked["lifecycle"], locked["definition"])
+                # A later step runs in the state it rests in, where retry is allowed: only the
+                # lease tells that it is running now (and must not be started twice).
+                if locked["lease_owner"] is not None and lifecycle.sources(action) >= {
+                    state_before
+                }:
+                    raise TransitionRefused(
+                        f"cannot {action} operation {operation_id}: it is running step "
+                        f"{state_before!r} on worker {locked['lease_owner']}",
+                        operation_id,
+                        state_before,
+                        action,
+                    )
+                if action == "replay":
+                    # Where it stopped, never before: a step that completed is not run again.
+                    to_state = _resume_state(locked["stopped_in"], lifecycle)
+                    timeout = lifecycle.timeouts.get(to_state)
+                    args.update(
+                        extra_attempts=extra_attempts,
+                        to_state=to_state,
+                        wait_seconds=timeout.seconds if timeout is not None else None,
+                    )
                 try:
                     row = await _fetchrow(conn, self._q[f"operations_{action}"], **args)
                 except asyncpg.exceptions.CheckViolationError as exc:
                     if not str(exc).startswith("pgoutbox:"):
                         raise
-                    raise _refusal(
-                        action, operation_id, locked["state"], locked["lifecycle"]
-                    ) from exc
+                    raise _refusal(action, operation_id, locked["state"], lifecycle) from exc
         except AdminError as exc:
             return ActionResult(operation_id, action, False, state_before, state_before, str(exc))
         assert row is not None  # the row is locked: the update found it
@@ -720,17 +752,17 @@ class Admin:
 
 
 def attempts_from_audit(audit: Sequence[AuditRecord]) -> list[Attempt]:
-    """The attempts an audit trail records: each ``claim`` row paired with the next row that
-    moves the operation out of ``claimed`` (``reject`` rows, which change nothing, are
-    skipped). An attempt with no such row yet is ``running``."""
+    """The attempts an audit trail records: each ``claim`` row paired with the next row, which
+    ends the step it started (``reject`` rows, which change nothing, are skipped). An attempt
+    with no such row yet is ``running``."""
     attempts: list[Attempt] = []
     claim: AuditRecord | None = None
     for row in audit:
         if row.trigger == "claim":
-            if claim is not None:  # not possible in the default lifecycle; shown, not hidden
+            if claim is not None:  # not possible: a running step is never claimed; shown
                 attempts.append(_attempt(claim, None))
             claim = row
-        elif claim is not None and row.from_state == "claimed" and row.trigger != "reject":
+        elif claim is not None and row.trigger != "reject":
             attempts.append(_attempt(claim, row))
             claim = None
     if claim is not None:
@@ -741,7 +773,7 @@ def attempts_from_audit(audit: Sequence[AuditRecord]) -> list[Attempt]:
 def _attempt(claim: AuditRecord, end: AuditRecord | None) -> Attempt:
     if end is None:
         return Attempt(
-            claim.attempt, claim.actor, claim.recorded_at, None, None, "running", "claimed", None
+            claim.attempt, claim.actor, claim.recorded_at, None, None, "running", claim.to_state, None
         )
     return Attempt(
         number=claim.attempt,
@@ -779,22 +811,30 @@ def _type_stats(
     )
 
 
-def _refusal(action: str, operation_id: int, state: str, lifecycle_name: str) -> TransitionRefused:
-    lifecycle = _LIFECYCLES.get(lifecycle_name)
-    if lifecycle is None:
-        message = (
-            f"cannot {action} operation {operation_id}: it is {state}, and its lifecycle "
-            f"{lifecycle_name!r} does not allow {action!r} from there"
-        )
-    else:
-        sources = " or ".join(sorted(lifecycle.sources(action))) or "no"
-        allowed = ", ".join(lifecycle.allowed_triggers(state)) or "nothing"
-        message = (
-            f"cannot {action} operation {operation_id}: it is {state}; {action} applies only "
-            f"to {sources} operations (from {state}, lifecycle {lifecycle.name!r} allows: "
-            f"{allowed})"
-        )
+def _refusal(action: str, operation_id: int, state: str, lifecycle: Lifecycle) -> TransitionRefused:
+    sources = " or ".join(sorted(lifecycle.sources(action))) or "no"
+    allowed = ", ".join(lifecycle.allowed_triggers(state)) or "nothing"
+    message = (
+        f"cannot {action} operation {operation_id}: it is {state}; {action} applies only "
+        f"to {sources} operations (from {state}, lifecycle {lifecycle.name!r} allows: "
+        f"{allowed})"
+    )
     return TransitionRefused(message, operation_id, state, action)
+
+
+def _lifecycle(name: str, definition: str | None) -> Lifecycle:
+    """The operation's lifecycle: the default, or the newest registered version of its own."""
+    if definition is None:
+        return DEFAULT_LIFECYCLE
+    return Lifecycle.from_definition(json.loads(definition))
+
+
+def _resume_state(stopped_in: str | None, lifecycle: Lifecycle) -> str:
+    """Where a replay resumes: a later step or parking state the operation stopped in, or
+    ``pending`` (its first step) for everything else."""
+    if stopped_in is not None and stopped_in in set(lifecycle.states) - BUILTIN_STATES:
+        return stopped_in
+    return PENDING
 
 
 def _purgeable_states(include_dead: bool) -> list[str]:

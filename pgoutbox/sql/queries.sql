@@ -416,13 +416,23 @@ ORDER BY seq;
 -- name: operations_lock_for_admin
 -- The operation an operator acts on, locked until the action commits (so the state named in a
 -- refusal is the state the database refused).
-SELECT id, state, lifecycle FROM {s}.operations WHERE id = :id FOR UPDATE;
+SELECT id, state, lifecycle, lease_owner,
+       (SELECT CAST(l.definition AS text) FROM {s}.lifecycles l
+        WHERE l.name = lifecycle ORDER BY l.version DESC LIMIT 1) AS definition,
+       -- where a dead or cancelled operation stopped: the state it left for its final one
+       (SELECT a.from_state FROM {s}.audit_log a
+        WHERE a.operation_id = id AND a.to_state = state
+          AND a.from_state IS DISTINCT FROM a.to_state
+        ORDER BY a.seq DESC LIMIT 1) AS stopped_in
+FROM {s}.operations WHERE id = :id FOR UPDATE;
 
 -- name: operations_retry
--- Operator: run a failed operation now. The audit trigger records it and refuses other states.
+-- Operator: run a failed operation (or a later step waiting to retry) now. The audit trigger
+-- records it and refuses other states.
 WITH retried AS (
     UPDATE {s}.operations o
-    SET state = 'pending', transition = 'retry', transition_actor = :actor,
+    SET state = CASE WHEN o.state = 'failed' THEN 'pending' ELSE o.state END,
+        transition = 'retry', transition_actor = :actor,
         transition_detail = :reason, run_at = now(), version = o.version + 1
     WHERE o.id = :id
     RETURNING o.id, o.channel, o.state
@@ -438,13 +448,15 @@ WHERE o.id = :id
 RETURNING o.id, o.state;
 
 -- name: operations_replay
--- Operator: run a dead or cancelled operation again, now, with extra_attempts more attempts.
--- attempts keeps counting, so the audit trail's attempt numbers stay unique.
+-- Operator: run a dead or cancelled operation again from where it stopped (:to_state), now,
+-- with extra_attempts more attempts of that step. attempts keeps counting, so the audit
+-- trail's attempt numbers stay unique.
 WITH replayed AS (
     UPDATE {s}.operations o
-    SET state = 'pending', transition = 'replay', transition_actor = :actor,
-        transition_detail = :reason, run_at = now(), version = o.version + 1,
-        max_attempts = o.attempts + CAST(:extra_attempts AS integer)
+    SET state = :to_state, transition = 'replay', transition_actor = :actor,
+        transition_detail = :reason, version = o.version + 1,
+        run_at = now() + make_interval(secs => coalesce(CAST(:wait_seconds AS float8), 0)),
+        max_attempts = o.step_attempts + CAST(:extra_attempts AS integer)
     WHERE o.id = :id
     RETURNING o.id, o.channel, o.state
 )
@@ -535,3 +547,98 @@ SELECT state, count(*) AS operations FROM deleted GROUP BY state;
 -- Record that a purge completed.
 UPDATE {s}.purges SET finished_at = clock_timestamp() WHERE id = :purge_id
 RETURNING finished_at;
+
+-- =============================================================================================
+-- lifecycles
+-- Registering operation types' lifecycles (pgoutbox.registry) and firing external triggers
+-- (pgoutbox.fire).
+-- =============================================================================================
+
+-- name: lifecycles_lock
+-- One registration at a time (many workers may start together), until the transaction ends.
+SELECT pg_advisory_xact_lock(hashtext('pgoutbox lifecycles ' || :schema));
+
+-- name: lifecycles_latest
+-- The newest registered version of each of these lifecycles.
+SELECT DISTINCT ON (name) name, version, digest, CAST(definition AS text) AS definition,
+       registered_at, registered_by
+FROM {s}.lifecycles
+WHERE name = ANY(CAST(:names AS text[]))
+ORDER BY name, version DESC;
+
+-- name: lifecycle_types_get
+-- The lifecycle registered for each of these operation types (types not listed: default).
+SELECT operation_type, lifecycle
+FROM {s}.lifecycle_types
+WHERE operation_type = ANY(CAST(:operation_types AS text[]));
+
+-- name: operations_in_removed_states
+-- Operations of a lifecycle sitting in states a new version of it removes (at most 20).
+SELECT id, state, count(*) OVER () AS total
+FROM {s}.operations
+WHERE lifecycle = :lifecycle AND state = ANY(CAST(:states AS text[]))
+ORDER BY id
+LIMIT 20;
+
+-- name: operations_unfinished_in_other_lifecycle
+-- Unfinished operations of a type under a lifecycle other than the one about to be registered
+-- for it (at most 20): workers of the new lifecycle would never move them.
+SELECT id, lifecycle, state, count(*) OVER () AS total
+FROM {s}.operations
+WHERE operation_type = :operation_type AND lifecycle <> :lifecycle
+  AND state NOT IN ('succeeded', 'cancelled')
+ORDER BY id
+LIMIT 20;
+
+-- name: lifecycles_register_version
+-- Record a new version of a lifecycle; returns its number.
+INSERT INTO {s}.lifecycles (name, version, digest, definition)
+SELECT :lifecycle, coalesce(max(version), 0) + 1, :digest, CAST(:definition AS jsonb)
+FROM {s}.lifecycles WHERE name = :lifecycle
+RETURNING version;
+
+-- name: lifecycle_transitions_clear
+-- Forget a lifecycle's allowed transitions (in the transaction that adds its new ones).
+DELETE FROM {s}.lifecycle_transitions WHERE lifecycle = :lifecycle;
+
+-- name: lifecycle_transitions_add
+-- Allow these transitions in a lifecycle.
+INSERT INTO {s}.lifecycle_transitions (lifecycle, from_state, trigger, to_state)
+SELECT :lifecycle, f, t, d
+FROM unnest(CAST(:from_states AS text[]), CAST(:triggers AS text[]),
+            CAST(:to_states AS text[])) AS added(f, t, d);
+
+-- name: lifecycle_types_set
+-- Say which lifecycle an operation type runs.
+INSERT INTO {s}.lifecycle_types (operation_type, lifecycle)
+VALUES (:operation_type, :lifecycle)
+ON CONFLICT (operation_type) DO UPDATE SET lifecycle = EXCLUDED.lifecycle;
+
+-- name: lifecycle_types_unset
+-- An operation type goes back to the default lifecycle.
+DELETE FROM {s}.lifecycle_types WHERE operation_type = :operation_type;
+
+-- name: operations_lock_for_fire
+-- The operation a trigger is fired at, locked until the change commits, with the newest
+-- registered definition of its lifecycle (NULL for the default lifecycle).
+SELECT o.id, o.state, o.lifecycle, o.operation_type, o.lease_owner,
+       (SELECT CAST(l.definition AS text) FROM {s}.lifecycles l
+        WHERE l.name = o.lifecycle ORDER BY l.version DESC LIMIT 1) AS definition
+FROM {s}.operations o
+WHERE o.id = :id
+FOR UPDATE OF o;
+
+-- name: operations_fire
+-- Move an operation on by an external trigger (the audit trigger checks it against the
+-- lifecycle and records the actor); a step it leads to is due now, and workers are woken.
+WITH fired AS (
+    UPDATE {s}.operations o
+    SET state = :to_state, transition = :trigger, transition_actor = :actor,
+        transition_detail = :detail, version = o.version + 1,
+        step_attempts = CASE WHEN CAST(:new_step AS boolean) THEN 0 ELSE o.step_attempts END,
+        run_at = now() + make_interval(secs => coalesce(CAST(:wait_seconds AS float8), 0))
+    WHERE o.id = :id
+    RETURNING o.id, o.channel, o.state
+)
+SELECT id, state, CASE WHEN CAST(:wake AS boolean) THEN pg_notify(channel, id::text) END
+FROM fired;

@@ -10,7 +10,7 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
-from pgoutbox import migrations
+from pgoutbox import migrations, registry
 from pgoutbox.db import create_engine, create_pool
 from pgoutbox.router import RouterError, WorkflowRouter
 from pgoutbox.settings import Settings
@@ -63,7 +63,8 @@ class WorkflowSystem:
         return {service.name: service for service in self._services}
 
     async def start(self) -> None:
-        """Bring the schema to head (or check it is), then start claiming."""
+        """Bring the schema to head and register the router's lifecycles (or, without
+        ``auto_migrate``, check both are so), then start claiming."""
         if self._dispatcher is not None:
             raise RuntimeError("WorkflowSystem is already started")
         db, ws = self.settings.database, self.settings.workflow_system
@@ -79,6 +80,15 @@ class WorkflowSystem:
                 )
         q = queries(db.schema_name)
         self._pool = await create_pool(db, max_size=max(db.pool_size, 4))
+        try:
+            async with self._pool.acquire() as conn:
+                if ws.auto_migrate:
+                    await registry.register(conn, q, db.schema_name, self.handlers)
+                else:
+                    await registry.check(conn, q, self.handlers)
+        except BaseException:
+            await self._pool.close()
+            raise
         sessions = None
         if any(spec.transactional for spec in self.handlers.values()):
             self._engine = create_engine(db, pool_size=ws.n_workers)

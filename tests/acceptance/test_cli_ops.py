@@ -143,6 +143,7 @@ class World:
                 f"UPDATE {self.s}.operations SET state = $2, transition = $3, "
                 "transition_actor = 'worker-1', transition_detail = $4, "
                 "attempts = attempts + CASE WHEN $3 = 'claim' THEN 1 ELSE 0 END, "
+                "step_attempts = step_attempts + CASE WHEN $3 = 'claim' THEN 1 ELSE 0 END, "
                 "lease_owner = CASE WHEN $3 = 'claim' THEN 'worker-1' END, "
                 "lease_expires_at = CASE WHEN $3 = 'claim' THEN now() + interval '1 minute' END, "
                 "last_error = coalesce($5, last_error) WHERE id = $1",

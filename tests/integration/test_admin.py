@@ -68,6 +68,7 @@ class World:
                 f"UPDATE {self.s}.operations SET state = $2, transition = $3, "
                 "transition_actor = $4, transition_detail = $5, "
                 "attempts = attempts + CASE WHEN $3 = 'claim' THEN 1 ELSE 0 END, "
+                "step_attempts = step_attempts + CASE WHEN $3 = 'claim' THEN 1 ELSE 0 END, "
                 "lease_owner = CASE WHEN $3 = 'claim' THEN $4 END, "
                 "lease_expires_at = CASE WHEN $3 = 'claim' THEN now() + interval '30 seconds' END, "
                 "last_error = coalesce($5, last_error), version = version + 1 WHERE id = $1",
