@@ -4,7 +4,8 @@ from pgoutbox.admin import Admin
 from pgoutbox.audit import AuditProblem, AuditVerification, verify
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SessionControlError
 from pgoutbox.db import DatabaseSessionManager
-from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, Lifecycle, TransitionNotAllowed
+from pgoutbox.fire import FireRefused, fire
+from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, Lifecycle, LifecycleError, TransitionNotAllowed
 from pgoutbox.publish import (
     IdempotencyConflict,
     OperationId,
@@ -24,11 +25,13 @@ __all__ = [
     "DatabaseSessionManager",
     "DatabaseSettings",
     "DoNotRetry",
+    "FireRefused",
     "GuardedSession",
     "HandlerContext",
     "HandlerSpec",
     "IdempotencyConflict",
     "Lifecycle",
+    "LifecycleError",
     "OperationId",
     "PublishError",
     "RetryPolicy",
@@ -40,6 +43,7 @@ __all__ = [
     "WorkflowRouter",
     "WorkflowSystem",
     "WorkflowSystemSettings",
+    "fire",
     "publish_many",
     "publish_operation",
     "verify",

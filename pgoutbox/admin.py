@@ -773,7 +773,14 @@ def attempts_from_audit(audit: Sequence[AuditRecord]) -> list[Attempt]:
 def _attempt(claim: AuditRecord, end: AuditRecord | None) -> Attempt:
     if end is None:
         return Attempt(
-            claim.attempt, claim.actor, claim.recorded_at, None, None, "running", claim.to_state, None
+            claim.attempt,
+            claim.actor,
+            claim.recorded_at,
+            None,
+            None,
+            "running",
+            claim.to_state,
+            None,
         )
     return Attempt(
         number=claim.attempt,

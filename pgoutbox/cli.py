@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Coroutine
@@ -19,8 +20,10 @@ from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from pgoutbox import cli_ops, migrations
+from pgoutbox.lifecycle import Lifecycle
 from pgoutbox.router import WorkflowRouter
 from pgoutbox.settings import DatabaseSettings, Settings, parse_dsn
+from pgoutbox.sql import queries
 from pgoutbox.worker import WorkflowSystem
 
 T = TypeVar("T")
@@ -167,6 +170,10 @@ def _load_app(app: str, obj: _Context) -> WorkflowSystem:
     module_name, _, attribute = app.partition(":")
     if not module_name or not attribute:
         raise click.UsageError(f"invalid APP {app!r}: use module:attribute, e.g. myapp.jobs:router")
+    # Like uvicorn: APP is looked up from the current directory too (a console script's
+    # sys.path does not include it).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         target = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as exc:
@@ -187,6 +194,82 @@ async def _serve(system: WorkflowSystem) -> None:
     click.echo(f"worker {system.worker_id} running; SIGTERM or Ctrl-C stops it", err=True)
     await stop.wait()
     await system.stop()
+
+
+@cli.group()
+def lifecycle() -> None:
+    """Register operation types' lifecycles and show them as diagrams."""
+
+
+@lifecycle.command("register")
+@click.argument("app")
+@click.pass_obj
+def lifecycle_register(obj: _Context, app: str) -> None:
+    """Register the lifecycles of APP's operation types (`module:router` or `module:system`),
+    as the schema owner. Idempotent; a change that would strand operations is refused, naming
+    them (exit 1)."""
+    from pgoutbox.registry import LifecycleRegistryError, Registered, register
+
+    system = _load_app(app, obj)
+    settings = obj.database()
+
+    async def go() -> Registered:
+        conn = await asyncpg.connect(**settings.connect_kwargs())
+        try:
+            return await register(
+                conn, queries(settings.schema_name), settings.schema_name, system.handlers
+            )
+        finally:
+            await conn.close()
+
+    try:
+        done = _run(go())
+    except LifecycleRegistryError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    for name, version in sorted(done.versions.items()):
+        click.echo(f"lifecycle {name}: registered version {version}")
+    for operation_type, name in sorted(done.types.items()):
+        click.echo(f"operation type {operation_type}: runs lifecycle {name}")
+    if not done.versions and not done.types:
+        click.echo("already registered: nothing changed")
+
+
+@lifecycle.command("show")
+@click.argument("operation_type")
+@click.option(
+    "--all-transitions",
+    is_flag=True,
+    help="Also draw the retry, rescue, release and replay edges the database allows.",
+)
+@click.pass_obj
+def lifecycle_show(obj: _Context, operation_type: str, all_transitions: bool) -> None:
+    """Print OPERATION_TYPE's lifecycle, as registered in the database, as a Mermaid state
+    diagram (types never registered run the default lifecycle)."""
+    from pgoutbox.registry import LifecycleRegistryError, lifecycle_of_type
+
+    settings = obj.database()
+
+    async def go() -> tuple[Lifecycle, int | None]:
+        conn = await asyncpg.connect(**settings.connect_kwargs())
+        try:
+            return await lifecycle_of_type(conn, queries(settings.schema_name), operation_type)
+        finally:
+            await conn.close()
+
+    try:
+        found, version = _run(go())
+    except LifecycleRegistryError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    which = f"version {version}" if version is not None else "built in"
+    click.echo(f"%% {operation_type} runs lifecycle {found.name} ({which})")
+    if found.parking:
+        parked = ", ".join(sorted(found.parking))
+        click.echo(f"%% parking states (fire a trigger to move on): {parked}")
+    for state, timeout in sorted(found.timeouts.items()):
+        click.echo(f"%% {state} times out after {timeout.after} with {timeout.trigger}")
+    click.echo(found.mermaid(machinery=all_transitions))
 
 
 @cli.command()

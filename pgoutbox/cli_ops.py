@@ -43,6 +43,7 @@ from pgoutbox.admin import (
     as_json,
 )
 from pgoutbox.audit import AuditVerification
+from pgoutbox.fire import FireRefused
 from pgoutbox.lifecycle import DEFAULT_LIFECYCLE
 from pgoutbox.settings import DatabaseSettings
 
@@ -142,7 +143,22 @@ def _converter(
 
 DURATION: dict[str, Any] = {"metavar": "DURATION", "callback": _converter(parse_duration)}
 WHEN: dict[str, Any] = {"metavar": "WHEN", "callback": _converter(parse_when)}
-STATES = click.Choice(list(DEFAULT_LIFECYCLE.states))
+
+
+def _check_states(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for state in value:
+        if not _STATE_NAME.fullmatch(state):
+            raise click.BadParameter(
+                f"{state!r} is not a state name: the default lifecycle's are "
+                f"{', '.join(DEFAULT_LIFECYCLE.states)}; custom lifecycles add lower-case names "
+                "such as awaiting_approval"
+            )
+    return value
+
+
+_STATE_NAME = re.compile(r"[a-z][a-z0-9_]{0,62}")
 
 
 def _default_actor() -> str:
@@ -298,7 +314,13 @@ def ops() -> None:
 
 
 @ops.command("list")
-@click.option("--state", "states", multiple=True, type=STATES, help="Only this state (repeatable).")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    callback=_check_states,
+    help="Only this state, e.g. dead or awaiting_approval (repeatable).",
+)
 @click.option(
     "--type",
     "operation_types",
@@ -515,13 +537,52 @@ def ops_replay(
     as_json_: bool,
     extra_attempts: int,
 ) -> None:
-    """Run dead or cancelled operations IDS again, now (-> pending), with --attempts more
-    attempts (default 1). The attempt count keeps counting."""
+    """Run dead or cancelled operations IDS again, now, from where they stopped (pending, or
+    the later step or parking state of a custom lifecycle), with --attempts more attempts of
+    that step (default 1). The attempt count keeps counting."""
     results = _run(
         obj,
         lambda admin: admin.replay(ids, actor=actor, reason=reason, extra_attempts=extra_attempts),
     )
     _report_actions(results, as_json_)
+
+
+@ops.command("fire")
+@click.argument("operation_id", type=click.IntRange(min=1))
+@click.argument("trigger")
+@click.option(
+    "--actor",
+    callback=_check_actor,
+    help="Who decided, recorded in the audit trail (default: the OS user).",
+)
+@click.option("--detail", help="Why (recorded in the audit row), e.g. a ticket number.")
+@click.option("--json", "as_json_", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def ops_fire(
+    obj: _HasDatabase,
+    operation_id: int,
+    trigger: str,
+    actor: str,
+    detail: str | None,
+    as_json_: bool,
+) -> None:
+    """Fire TRIGGER at operation OPERATION_ID, e.g. `approve` at a refund parked in
+    awaiting_approval. Exit 1, changing nothing, if its lifecycle does not allow TRIGGER from
+    its current state (the message lists what it allows)."""
+    try:
+        fired = _run(
+            obj, lambda admin: admin.fire(operation_id, trigger, actor=actor, detail=detail)
+        )
+    except FireRefused as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    if as_json_:
+        _print_json(fired)
+    else:
+        click.echo(
+            f"operation {fired.operation_id}: {fired.from_state} -> {fired.to_state} "
+            f"({fired.trigger}, by {fired.actor})"
+        )
 
 
 @ops.command("purge")

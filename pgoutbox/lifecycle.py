@@ -277,7 +277,7 @@ class Lifecycle:
             title=f"lifecycle {self.name}",
             show_state_attributes=False,
         )
-        return str(model.get_graph().draw(None))  # type: ignore[attr-defined]
+        return str(model.get_graph().draw(None))
 
     def _main_path(self) -> frozenset[Transition]:
         main = {
@@ -384,7 +384,8 @@ def _define(
         if t.from_state not in sources_allowed:
             raise fail(
                 f"trigger {t.trigger!r} leaves {t.from_state!r}, which only workers (claim) and "
-                "operators (cancel, retry) move; declared triggers leave 'claimed' or an extra state"
+                "operators (cancel, retry) move; declared triggers leave 'claimed' or an extra "
+                "state"
             )
         if t.to_state not in dests_allowed:
             raise fail(

@@ -107,7 +107,8 @@ async def register(
     if not changed and not moved:
         return Registered({}, {})
     async with conn.transaction():
-        await conn.execute(q["lifecycles_lock"].asyncpg_sql, *q["lifecycles_lock"].args(schema=schema))
+        lock = q["lifecycles_lock"]
+        await conn.execute(lock.asyncpg_sql, *lock.args(schema=schema))
         changed, moved = await mismatches(conn, q, handlers)  # another worker may have done it
         versions: dict[str, int] = {}
         for name, lifecycle in sorted(changed.items()):

@@ -141,9 +141,7 @@ class WorkflowRouter:
     max_attempts: int | None = None
     retry: RetryPolicy | None = None
     on_lost: OnLost | None = None
-    _own: dict[tuple[str, str], _Registration] = field(
-        default_factory=dict, init=False, repr=False
-    )
+    _own: dict[tuple[str, str], _Registration] = field(default_factory=dict, init=False, repr=False)
     _children: list[tuple[str, WorkflowRouter]] = field(
         default_factory=list, init=False, repr=False
     )

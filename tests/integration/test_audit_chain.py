@@ -92,7 +92,8 @@ async def _transition(
     actor: str | None = "worker-1",
     detail: str | None = None,
 ) -> None:
-    claim = ", attempts = attempts + 1, step_attempts = step_attempts + 1" if trigger == "claim" else ""
+    counted = ", attempts = attempts + 1, step_attempts = step_attempts + 1"
+    claim = counted if trigger == "claim" else ""
     await conn.execute(
         f'UPDATE "{schema}".operations SET state = $2, transition = $3, transition_actor = $4, '
         f"transition_detail = $5{claim} WHERE id = $1",

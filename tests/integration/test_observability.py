@@ -574,7 +574,8 @@ async def test_an_attempt_whose_worker_was_lost_is_counted_by_the_rescuing_worke
     await conn.execute(
         f"""UPDATE "{schema}".operations
             SET state = 'claimed', transition = 'claim', transition_actor = 'dead-worker',
-                attempts = attempts + 1, step_attempts = step_attempts + 1, version = version + 1, lease_owner = 'dead-worker',
+                attempts = attempts + 1, step_attempts = step_attempts + 1,
+                version = version + 1, lease_owner = 'dead-worker',
                 lease_expires_at = now() - interval '1 second'
             WHERE id = $1""",
         op_id,

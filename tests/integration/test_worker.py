@@ -289,7 +289,9 @@ async def test_an_operation_retried_over_a_thousand_times_still_gets_a_capped_ba
     op_id = await publish(sm, settings, "stubborn", {}, max_attempts=100_000)
     # As if it had failed 1100 times already (attempts is a counter, not a state change).
     await unaudited(
-        schema, f'UPDATE "{schema}".operations SET attempts = 1100, step_attempts = 1100 WHERE id = $1', op_id
+        schema,
+        f'UPDATE "{schema}".operations SET attempts = 1100, step_attempts = 1100 WHERE id = $1',
+        op_id,
     )
     async with WorkflowSystem(router=router, settings=settings):
         row = await wait_for_state(conn, schema, op_id, "failed")
