@@ -60,8 +60,9 @@ async def fire(
     ``approve`` from ``awaiting_approval``); ``actor`` (who decided) and ``detail`` go into the
     audit row. A state with a timeout gets a fresh deadline; a working state is due at once and
     the channel's workers are woken on commit. Raises :class:`FireRefused` (nothing changed)
-    when the operation does not exist, is running a step, is finished, or its state does not
-    allow ``trigger`` -- the message lists the triggers that are allowed.
+    when the operation does not exist, is running a step, is finished, is not in a parking
+    state (a working state's triggers are its step's), or its state does not allow ``trigger``
+    -- the message lists the triggers that are allowed.
     """
     settings = session.info.get(SESSION_SETTINGS_KEY)
     schema = settings.schema_name if isinstance(settings, DatabaseSettings) else "pgoutbox"
@@ -107,6 +108,15 @@ async def fire_on(
             raise FireRefused(
                 f"cannot fire {trigger!r} at {where}: it is {state}, finished "
                 "(pgoutbox ops replay runs it again)"
+            )
+        if state not in lifecycle.parking:
+            # A working state's triggers are its step's to fire: firing one from outside would
+            # record a step as done that never ran.
+            parking = ", ".join(sorted(lifecycle.parking)) or "none in this lifecycle"
+            raise FireRefused(
+                f"cannot fire {trigger!r} at {where}: it is in {state!r}, which is not a "
+                f"parking state (its triggers are fired by workers and operators' retry, "
+                f"cancel and replay); fire applies to parking states: {parking}"
             )
         exits = lifecycle.exits(state)
         if trigger not in exits:

@@ -50,8 +50,9 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
     - publisher: insert operations (SELECT too: ``RETURNING id``, ``ON CONFLICT`` on the
       idempotency key, and the check that a repeated key records the same intent);
     - worker: claim, heartbeat, record and rescue operations, register itself in ``workers``,
-      read the schema revision at start-up (and Alembic's version table, for ``auto_migrate``
-      at head);
+      read the schema revision and the registered lifecycles at start-up (and Alembic's version
+      table, for ``auto_migrate`` at head); it never writes the lifecycle tables (the owner
+      registers lifecycles: ``pgoutbox lifecycle register``);
     - auditor: read everything, write nothing.
     """
     s = quote_schema(schema)
@@ -60,7 +61,8 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
         usage,
         f"GRANT SELECT, UPDATE ON {s}.operations TO {{role}}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.workers TO {{role}}",
-        f"GRANT SELECT ON {s}.lifecycle_transitions, {s}.schema_revision TO {{role}}",
+        f"GRANT SELECT ON {s}.lifecycle_transitions, {s}.lifecycles, {s}.lifecycle_types, "
+        f"{s}.schema_revision TO {{role}}",
     ]
     if with_version_table:
         worker.append(f"GRANT SELECT ON {s}.{VERSION_TABLE} TO {{role}}")

@@ -364,8 +364,8 @@ SELECT now();
 -- name: operations_admin_list
 -- Operations matching an operator's filters, newest first, each with why it is stale (if it
 -- is): "unhandled" (pending/failed, and no live worker of its channel handles its type),
--- "overdue" (pending/failed and due for longer than the threshold), "lease_expired" (claimed,
--- its lease expired longer than the threshold ago and nobody rescued it).
+-- "overdue" (pending/failed and due for longer than the threshold), "lease_expired" (running a
+-- step, its lease expired longer than the threshold ago and nobody rescued it).
 SELECT *
 FROM (
     SELECT o.id, o.operation_type, o.channel, o.lifecycle, o.state, o.attempts, o.max_attempts,
@@ -380,7 +380,7 @@ FROM (
                WHEN o.state IN ('pending', 'failed')
                     AND o.run_at < now() - make_interval(secs => :older_than_seconds)
                    THEN 'overdue'
-               WHEN o.state = 'claimed'
+               WHEN o.lease_owner IS NOT NULL
                     AND o.lease_expires_at < now() - make_interval(secs => :older_than_seconds)
                    THEN 'lease_expired'
            END AS stale_reason
@@ -391,7 +391,8 @@ FROM (
       AND (CAST(:channels AS text[]) IS NULL OR o.channel = ANY(CAST(:channels AS text[])))
       AND (CAST(:since AS timestamptz) IS NULL OR o.created_at >= CAST(:since AS timestamptz))
       AND (CAST(:until AS timestamptz) IS NULL OR o.created_at < CAST(:until AS timestamptz))
-      AND (NOT CAST(:stale AS boolean) OR o.state IN ('pending', 'failed', 'claimed'))
+      AND (NOT CAST(:stale AS boolean) OR o.state IN ('pending', 'failed')
+           OR o.lease_owner IS NOT NULL)
 ) listed
 WHERE NOT CAST(:stale AS boolean) OR stale_reason IS NOT NULL
 ORDER BY id DESC
@@ -505,7 +506,7 @@ SELECT w.id, w.hostname, w.pid, w.channel, w.operation_types, w.started_at, w.he
        CAST(EXTRACT(epoch FROM now() - w.heartbeat_at) AS float8) AS heartbeat_age_seconds,
        w.heartbeat_at > now() - make_interval(secs => :live_within_seconds) AS live,
        ARRAY(SELECT o.id FROM {s}.operations o
-             WHERE o.state = 'claimed' AND o.lease_owner = w.id ORDER BY o.id) AS held
+             WHERE o.lease_owner = w.id ORDER BY o.id) AS held
 FROM {s}.workers w
 ORDER BY w.channel, w.started_at, w.id;
 
