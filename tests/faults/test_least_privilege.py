@@ -65,6 +65,8 @@ def _tampering(s: str, op_id: int) -> list[str]:
         f"ALTER TABLE {s}.operations DISABLE TRIGGER b_operations_before_update",
         f"DROP TRIGGER audit_log_append_only ON {s}.audit_log",
         f"INSERT INTO {s}.lifecycle_transitions VALUES ('default', 'pending', 'x', 'succeeded')",
+        f"INSERT INTO {s}.lifecycle_types VALUES ('fault.op', 'anything')",
+        f"DELETE FROM {s}.lifecycles",
         "SET session_replication_role = replica",
     ]
 
@@ -210,7 +212,14 @@ async def test_auditor_reads_and_verifies_but_cannot_write_anything(
 
     aud = await roles.connect(roles.auditor)
     try:
-        for table in ("operations", "audit_log", "workers", "lifecycle_transitions"):
+        for table in (
+            "operations",
+            "audit_log",
+            "workers",
+            "lifecycle_transitions",
+            "lifecycles",
+            "lifecycle_types",
+        ):
             await aud.fetch(f"SELECT * FROM {s}.{table} LIMIT 1")
         await _denied(aud, f"INSERT INTO {s}.operations (operation_type, channel, payload) "
                            "VALUES ('x', 'c', '{}')")  # fmt: skip
