@@ -95,6 +95,10 @@ class HandlerSpec:
         """The spec of the step that runs in ``state``."""
         return self if state == self.step else self.steps[state]
 
+    def all_steps(self) -> tuple[HandlerSpec, ...]:
+        """The specs of every step of the type, the first one first."""
+        return (self, *self.steps.values())
+
 
 @dataclass(frozen=True)
 class _Options:

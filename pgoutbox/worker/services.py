@@ -111,7 +111,7 @@ class Rescuer(Service):
         self._pool, self._q, self._worker_id = pool, queries, worker_id
         self._channel, self._batch = channel, batch
         self._on_rescued, self._stale_worker_seconds = on_rescued, stale_worker_seconds
-        steps = [step for s in handlers.values() for step in (s, *s.steps.values())]
+        steps = [step for s in handlers.values() for step in s.all_steps()]
         self._policy = {
             "operation_types": [s.operation_type for s in steps],
             "steps": [s.step for s in steps],

@@ -90,7 +90,7 @@ class WorkflowSystem:
             await self._pool.close()
             raise
         sessions = None
-        if any(spec.transactional for spec in self.handlers.values()):
+        if any(step.transactional for s in self.handlers.values() for step in s.all_steps()):
             self._engine = create_engine(db, pool_size=ws.n_workers)
             sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         async with self._pool.acquire() as conn:
