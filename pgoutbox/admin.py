@@ -545,8 +545,10 @@ class Admin:
     async def cancel(
         self, ids: Iterable[int], *, actor: str, reason: str | None = None
     ) -> list[ActionResult]:
-        """Cancel pending or failed operations (→ ``cancelled``), audited with ``actor`` and
-        ``reason``. A claimed operation cannot be cancelled: its handler may be running."""
+        """Cancel pending, failed or dead operations (→ ``cancelled``), audited with ``actor``
+        and ``reason`` (a dead one: it will not be pursued, and operations ordered after it by
+        an ordering key may run). A claimed operation cannot be cancelled: its handler may be
+        running."""
         return await self._act("cancel", ids, actor, reason)
 
     async def replay(

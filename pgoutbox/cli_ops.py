@@ -512,8 +512,8 @@ def ops_retry(
 def ops_cancel(
     obj: _HasDatabase, ids: tuple[int, ...], actor: str, reason: str | None, as_json_: bool
 ) -> None:
-    """Cancel pending or failed operations IDS (-> cancelled). Claimed ones are refused: their
-    handler may be running."""
+    """Cancel pending, failed or dead operations IDS (-> cancelled). Claimed ones are refused:
+    their handler may be running."""
     results = _run(obj, lambda admin: admin.cancel(ids, actor=actor, reason=reason))
     _report_actions(results, as_json_)
 

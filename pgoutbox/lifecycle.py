@@ -379,7 +379,8 @@ def _define(
         if t.from_state in FINISHED_STATES:
             raise fail(
                 f"{t.from_state!r} is a final state and cannot have exits (trigger "
-                f"{t.trigger!r} to {t.to_state!r}); pgoutbox adds only 'replay'"
+                f"{t.trigger!r} to {t.to_state!r}); pgoutbox adds only 'replay' (and 'cancel' "
+                "from dead)"
             )
         if t.from_state not in sources_allowed:
             raise fail(
@@ -451,6 +452,7 @@ def _define(
         Transition(FAILED, "retry", PENDING),
         Transition(PENDING, "cancel", CANCELLED),
         Transition(FAILED, "cancel", CANCELLED),
+        Transition(DEAD, "cancel", CANCELLED),
     ]
     for state in sorted(working):
         if (state, GIVE_UP) not in seen:
@@ -522,7 +524,8 @@ DEFAULT_LIFECYCLE: Final = Lifecycle.declare(
         {"trigger": "release", "source": CLAIMED, "dest": PENDING},
         # Operators: run a failed operation now instead of at its scheduled retry (0002).
         {"trigger": "retry", "source": FAILED, "dest": PENDING},
-        {"trigger": "cancel", "source": [PENDING, FAILED], "dest": CANCELLED},
+        # Operators: dead is acknowledged as not pursued (and ordering keys released) (0006).
+        {"trigger": "cancel", "source": [PENDING, FAILED, DEAD], "dest": CANCELLED},
         {"trigger": "replay", "source": [DEAD, CANCELLED], "dest": PENDING},
     ],
 )

@@ -87,7 +87,8 @@ async def publish_operation(
     Operations sharing an ``ordering_key`` (e.g. ``"order-42"``) run one at a time, in publish
     order, whatever their type: one starts only when every earlier one of its key has
     succeeded or been cancelled. A ``dead`` one holds the rest back until an operator replays
-    or cancels it.
+    or cancels it. Publishers of one key take turns: a second transaction publishing the same
+    key waits until the first commits or rolls back, so the order is the commit order.
     """
     row = _validated(
         dict(
@@ -103,6 +104,7 @@ async def publish_operation(
         _max_payload_bytes(session),
     )
     q = _queries(session)
+    await _lock_ordering_keys(session, q, [row])
     inserted = (
         await session.execute(
             q["operations_publish"].clause(),
@@ -150,6 +152,7 @@ async def publish_many(
     if not rows:
         return []
     q = _queries(session)
+    await _lock_ordering_keys(session, q, rows)
     keyed = [row for row in rows if row["idempotency_key"] is not None]
     columns = {
         "operation_types": [r["operation_type"] for r in rows],
@@ -211,6 +214,19 @@ async def _match_existing(
             )
         ids.append(op_id)
     return ids
+
+
+async def _lock_ordering_keys(
+    session: AsyncSession, q: dict[str, Query], rows: list[dict[str, Any]]
+) -> None:
+    """Wait for the turn of these rows' ordering keys (held until the transaction ends)."""
+    keys = [row["ordering_key"] for row in rows if row["ordering_key"] is not None]
+    if keys:
+        settings = _settings(session)
+        schema = settings.schema_name if settings else "pgoutbox"
+        await session.execute(
+            q["operations_lock_ordering_keys"].clause(), {"schema": schema, "ordering_keys": keys}
+        )
 
 
 def _queries(session: AsyncSession) -> dict[str, Query]:

@@ -44,6 +44,14 @@ WITH inserted AS (
 -- assigned in insertion order, so sorting them gives the input order of the inserted rows.
 SELECT id, idempotency_key FROM inserted WHERE (SELECT count(*) FROM woken) >= 0 ORDER BY id;
 
+-- name: operations_lock_ordering_keys
+-- Publishers of one ordering key take turns, until their transactions end: so an operation's
+-- id is assigned only after every earlier one of its key has committed (or rolled back), and
+-- id order is the order in which a key's operations became visible -- the order the claim
+-- keeps. Keys are locked in sorted order: two batches cannot deadlock each other.
+SELECT count(pg_advisory_xact_lock(hashtextextended('pgoutbox ' || :schema || ' ' || k, 0)))
+FROM (SELECT DISTINCT k FROM unnest(CAST(:ordering_keys AS text[])) AS keys(k) ORDER BY k) keys;
+
 -- name: operations_match_idempotency_keys
 -- For each key given, the existing operation and whether it records the same intent.
 SELECT o.id, o.idempotency_key,
@@ -295,9 +303,14 @@ RETURNING o.id;
 -- name: operations_next_run_at
 -- When the next operation this worker could claim becomes due (NULL: none waiting).
 SELECT least(
-    (SELECT min(run_at) FROM {s}.operations
-     WHERE state IN ('pending', 'failed') AND channel = :channel
-       AND operation_type = ANY(CAST(:operation_types AS text[]))),
+    (SELECT min(o.run_at) FROM {s}.operations o
+     WHERE o.state IN ('pending', 'failed') AND o.channel = :channel
+       AND o.operation_type = ANY(CAST(:operation_types AS text[]))
+       -- held back by its ordering key: not due, whatever its run_at
+       AND (o.ordering_key IS NULL OR NOT EXISTS (
+           SELECT 1 FROM {s}.operations p
+           WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+             AND p.state NOT IN ('succeeded', 'cancelled')))),
     (SELECT min(o.run_at) FROM {s}.operations o
      WHERE CAST(:has_steps AS boolean)
        AND o.lease_owner IS NULL
@@ -441,7 +454,7 @@ WITH retried AS (
 SELECT id, state, pg_notify(channel, id::text) FROM retried;
 
 -- name: operations_cancel
--- Operator: cancel a pending or failed operation (audited; other states are refused).
+-- Operator: cancel a pending, failed or dead operation (audited; other states are refused).
 UPDATE {s}.operations o
 SET state = 'cancelled', transition = 'cancel', transition_actor = :actor,
     transition_detail = :reason, version = o.version + 1

@@ -374,8 +374,8 @@ async def test_a_refused_action_exits_1_naming_the_id_its_state_and_what_is_allo
     assert result.stdout == ""
     assert result.stderr == (
         f"error: cannot cancel operation {claimed}: it is claimed; cancel applies only to "
-        "failed or pending operations (from claimed, lifecycle 'default' allows: fail, give_up, "
-        "lose, release, succeed)\n"
+        "dead or failed or pending operations (from claimed, lifecycle 'default' allows: fail, "
+        "give_up, lose, release, succeed)\n"
     )
     assert await world.state(claimed) == "claimed"
     assert await world.audit(claimed) == audit_before
@@ -429,13 +429,13 @@ async def test_ops_replay_json_reports_each_result_and_can_allow_more_attempts(
 
 
 async def test_ops_cancel_json_includes_refusals(cli: Cli, ids: dict[str, int]) -> None:
-    result = await cli("ops", "cancel", str(ids["failed"]), str(ids["dead"]), "--json")
+    result = await cli("ops", "cancel", str(ids["failed"]), str(ids["succeeded"]), "--json")
 
     assert result.returncode == 1
     first, second = result.json()
     assert (first["ok"], first["state"]) == (True, "cancelled")
-    assert (second["ok"], second["state"]) == (False, "dead")
-    assert "cancel applies only to failed or pending operations" in second["message"]
+    assert (second["ok"], second["state"]) == (False, "succeeded")
+    assert "cancel applies only to dead or failed or pending operations" in second["message"]
 
 
 # -- ops purge -----------------------------------------------------------------------------

@@ -311,7 +311,7 @@ async def test_retry_runs_a_failed_operation_now_audited_with_actor_and_reason(
     [
         ("retry", ("claim", "succeed"), "succeeded", "failed"),
         ("retry", (), "pending", "failed"),
-        ("cancel", ("claim",), "claimed", "failed or pending"),
+        ("cancel", ("claim",), "claimed", "dead or failed or pending"),
         ("replay", ("claim", "fail"), "failed", "cancelled or dead"),
     ],
 )

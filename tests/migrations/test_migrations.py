@@ -126,15 +126,19 @@ def test_invalid_schema_name_is_refused_before_any_sql() -> None:
 
 
 def test_default_lifecycle_in_the_migrations_equals_the_lifecycle_module() -> None:
-    # 0001 installs the default lifecycle; 0002 adds "retry". Together they are the module's.
+    # 0001 installs the default lifecycle; 0002 adds "retry", 0006 "cancel" from dead. Together
+    # they are the module's.
     script = ScriptDirectory.from_config(migrations.alembic_config("pgoutbox"))
     initial = script.get_revision("0001_initial")
     operator_tools = script.get_revision("0002_operator_tools")
+    custom_lifecycles = script.get_revision("0006_custom_lifecycles")
     assert initial is not None
     assert operator_tools is not None
+    assert custom_lifecycles is not None
     rows = [
         *initial.module.DEFAULT_TRANSITIONS,
         *operator_tools.module.ADDED_DEFAULT_TRANSITIONS,
+        *custom_lifecycles.module.ADDED_DEFAULT_TRANSITIONS,
     ]
     assert len(rows) == len(set(rows))
     assert sorted(("default", *row) for row in rows) == DEFAULT_LIFECYCLE.rows()

@@ -16,6 +16,8 @@ Create Date: 2026-11-27
   Like ``attempts`` it changes only with an audited transition.
 - ``ordering_key``: operations sharing one run one at a time, in publish order. It is part of
   the recorded intent, so it cannot be changed.
+- The default lifecycle gains ``dead --cancel--> cancelled``: an operator who decides a dead
+  operation will not be pursued says so, audited, and releases the operations ordered after it.
 
 This file is history: it states the schema change as it was made and is never edited afterwards.
 """
@@ -30,6 +32,12 @@ revision = "0006_custom_lifecycles"
 down_revision = "0005_audited_bookkeeping"
 branch_labels = None
 depends_on = None
+
+# Added to the default lifecycle at this revision: (from_state, trigger, to_state).
+# tests/migrations checks 0001's and 0002's rows plus these equal DEFAULT_LIFECYCLE.
+ADDED_DEFAULT_TRANSITIONS = [
+    ("dead", "cancel", "cancelled"),
+]
 
 UPGRADE = """
 CREATE TABLE {s}.lifecycles (
@@ -194,6 +202,10 @@ DROP TABLE {s}.lifecycles;
 def upgrade() -> None:
     s = schema_for_migration()
     execute_script(UPGRADE.replace("{s}", s))
+    values = ", ".join(
+        f"('default', '{f}', '{t}', '{to}')" for f, t, to in ADDED_DEFAULT_TRANSITIONS
+    )
+    op.execute(f"INSERT INTO {s}.lifecycle_transitions VALUES {values}")
     # Every revision keeps the in-schema marker that workers and `pgoutbox db check` read.
     op.execute(f"UPDATE {s}.schema_revision SET revision = '{revision}'")
 
@@ -207,5 +219,10 @@ def downgrade() -> None:
         "purge them before downgrading below 0006'; END IF; END $$"
     )
     op.execute(f"DELETE FROM {s}.lifecycle_transitions WHERE lifecycle <> 'default'")
+    for f, t, to in ADDED_DEFAULT_TRANSITIONS:
+        op.execute(
+            f"DELETE FROM {s}.lifecycle_transitions WHERE lifecycle = 'default' "
+            f"AND from_state = '{f}' AND trigger = '{t}' AND to_state = '{to}'"
+        )
     execute_script(DOWNGRADE.replace("{s}", s))
     op.execute(f"UPDATE {s}.schema_revision SET revision = '{down_revision}'")
