@@ -93,7 +93,7 @@ class Lifecycle:
     transitions: frozenset[Transition]
     working: frozenset[str] = frozenset({CLAIMED})
     parking: frozenset[str] = frozenset()
-    timeouts: Mapping[str, Timeout] = field(default_factory=dict, compare=False, hash=False)
+    timeouts: Mapping[str, Timeout] = field(default_factory=dict, hash=False)
     declared: frozenset[Transition] = frozenset()  # the user's own, for diagrams and steps
 
     @classmethod
@@ -431,8 +431,13 @@ def _define(
         except (TypeError, ValueError):
             raise fail(
                 f"timeout on {state!r} must be (trigger, after), e.g. "
-                "('expire', timedelta(days=2)); got {spec!r}"
+                f"('expire', timedelta(days=2)); got {spec!r}"
             ) from None
+        if isinstance(after, bool) or not isinstance(after, timedelta | int | float):
+            raise fail(
+                f"timeout on {state!r}: after must be a timedelta or a number of seconds, "
+                f"not {after!r}"
+            )
         after = after if isinstance(after, timedelta) else timedelta(seconds=after)
         if after <= timedelta(0):
             raise fail(f"timeout on {state!r} must be positive, not {after}")
@@ -495,6 +500,11 @@ def _check_reachable(name: str, states: Sequence[str], transitions: Iterable[Tra
         return seen
 
     unreachable = [s for s in states if s not in closure({PENDING}, True)]
+    if SUCCEEDED in unreachable:
+        raise LifecycleError(
+            f"lifecycle {name!r}: no path leads to 'succeeded'; declare a trigger into it "
+            "(e.g. from the last step)"
+        )
     if unreachable:
         raise LifecycleError(
             f"lifecycle {name!r}: states {unreachable} are unreachable from 'pending'; add a "

@@ -274,6 +274,10 @@ class WorkflowRouter:
                     )
             resolved = lifecycle or DEFAULT_LIFECYCLE
             for step, (spec, _) in steps.items():
+                # A step may be registered before the handler that declares the lifecycle
+                # (or in a child router): only a complete router must have it by now.
+                if lifecycle is None and not complete:
+                    continue
                 if step not in resolved.working:
                     raise RouterError(
                         f"operation type {operation_type!r}: handler {spec.fn.__qualname__} "

@@ -27,6 +27,9 @@ DESIGN_TRANSITIONS = {
     ("claimed", "release", "pending"),
     # 0002: an operator runs a failed operation now (`pgoutbox ops retry`).
     ("failed", "retry", "pending"),
+    # 0006: an operator acknowledges a dead operation will not be pursued (and releases the
+    # operations ordered after it by an ordering key).
+    ("dead", "cancel", "cancelled"),
 }
 
 
@@ -66,14 +69,13 @@ def test_default_lifecycle_starts_pending_with_the_six_states() -> None:
     }
 
 
-def test_finished_states_allow_only_replay_or_nothing() -> None:
-    assert {t.trigger for t in DEFAULT_LIFECYCLE.transitions if t.from_state == "succeeded"} == (
-        set()
-    )
-    for state in ("dead", "cancelled"):
-        assert {t.trigger for t in DEFAULT_LIFECYCLE.transitions if t.from_state == state} == {
-            "replay"
-        }
+def test_finished_states_allow_only_replay_and_cancelling_dead() -> None:
+    def exits(state: str) -> set[str]:
+        return {t.trigger for t in DEFAULT_LIFECYCLE.transitions if t.from_state == state}
+
+    assert exits("succeeded") == set()
+    assert exits("dead") == {"replay", "cancel"}
+    assert exits("cancelled") == {"replay"}
 
 
 def test_lose_may_lead_to_failed_or_dead() -> None:
@@ -86,7 +88,7 @@ def test_retry_brings_a_failed_operation_back_to_pending_only() -> None:
 
 
 def test_sources_and_allowed_triggers_explain_a_refusal() -> None:
-    assert DEFAULT_LIFECYCLE.sources("cancel") == {"pending", "failed"}
+    assert DEFAULT_LIFECYCLE.sources("cancel") == {"pending", "failed", "dead"}
     assert DEFAULT_LIFECYCLE.sources("approve") == frozenset()
     assert DEFAULT_LIFECYCLE.allowed_triggers("failed") == ["cancel", "claim", "retry"]
     assert DEFAULT_LIFECYCLE.allowed_triggers("succeeded") == []
@@ -161,6 +163,7 @@ def test_migrations_install_the_default_lifecycle_rows() -> None:
     installed = [
         *_migration("0001_initial.py").DEFAULT_TRANSITIONS,
         *_migration("0002_operator_tools.py").ADDED_DEFAULT_TRANSITIONS,
+        *_migration("0006_custom_lifecycles.py").ADDED_DEFAULT_TRANSITIONS,
     ]
 
     assert len(installed) == len(set(installed))
