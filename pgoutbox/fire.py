@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import asyncpg
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pgoutbox.db import SESSION_SETTINGS_KEY
@@ -66,6 +67,9 @@ async def fire(
     """
     settings = session.info.get(SESSION_SETTINGS_KEY)
     schema = settings.schema_name if isinstance(settings, DatabaseSettings) else "pgoutbox"
+    # A trivial statement first: SQLAlchemy begins the database transaction only with the first
+    # statement, and fire_on's savepoint must be inside it, not a transaction of its own.
+    await session.execute(text("SELECT 1"))
     connection = await session.connection()
     raw = await connection.get_raw_connection()
     driver = raw.driver_connection

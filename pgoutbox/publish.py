@@ -79,7 +79,8 @@ async def publish_operation(
     ``run_at`` (timezone-aware) delays the operation; by default it is due at once (database
     time). Publishing again with the same ``idempotency_key`` returns the existing operation's
     id; the same key with a different type, channel or payload raises
-    :class:`IdempotencyConflict`. ``max_attempts`` overrides the handler's retry limit.
+    :class:`IdempotencyConflict`. ``max_attempts`` overrides the handler's retry limit (in a
+    multi-step lifecycle, the first step's: each later step starts under its own handler's).
     Invalid input raises :class:`PublishError` before anything is written. Inside an
     OpenTelemetry span (with ``pgoutbox[otel]``), the trace context is stored with the
     operation and its attempts continue that trace.

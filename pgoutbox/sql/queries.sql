@@ -139,11 +139,14 @@ ORDER BY priority DESC, run_at, id;
 -- name: operations_record_success
 -- Fenced: only the attempt that still holds the lease (same version) can record its step's
 -- outcome: the trigger it named, into the state that trigger leads to. Entering a new step
--- starts its attempt count afresh; entering a parking state with a timeout sets when it fires.
+-- starts its attempt count afresh under its handler's own limit (a limit set by publish or
+-- replay applied to the step it was set in); entering a parking state with a timeout sets
+-- when it fires.
 UPDATE {s}.operations o
 SET state = done.to_state, transition = done.trigger, transition_actor = :worker_id,
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL,
     step_attempts = CASE WHEN done.new_step THEN 0 ELSE o.step_attempts END,
+    max_attempts = CASE WHEN done.new_step THEN NULL ELSE o.max_attempts END,
     run_at = CASE WHEN done.wait_seconds IS NULL THEN o.run_at
              ELSE now() + make_interval(secs => done.wait_seconds) END
 FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:to_states AS text[]),
@@ -168,6 +171,8 @@ SET state = CASE WHEN f.give_up OR o.step_attempts >= f.max_attempts THEN f.give
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL,
     step_attempts = CASE WHEN (f.give_up OR o.step_attempts >= f.max_attempts)
                               AND f.give_up_new_step THEN 0 ELSE o.step_attempts END,
+    max_attempts = CASE WHEN (f.give_up OR o.step_attempts >= f.max_attempts)
+                             AND f.give_up_new_step THEN NULL ELSE o.max_attempts END,
     run_at = CASE WHEN f.give_up OR o.step_attempts >= f.max_attempts THEN o.run_at
              ELSE now() + make_interval(secs => least(f.backoff_max,
                       -- capped exponent: 2^1024 overflows float8 and would fail the batch
@@ -278,6 +283,7 @@ SET state = e.to_state, transition = e.trigger, transition_actor = :worker_id,
     transition_detail = 'timed out: parked in ' || o.state || ' since '
         || o.updated_at::text || ', due to move on at ' || o.run_at::text,
     step_attempts = CASE WHEN e.new_step THEN 0 ELSE o.step_attempts END,
+    max_attempts = CASE WHEN e.new_step THEN NULL ELSE o.max_attempts END,
     version = o.version + 1, run_at = now()
 FROM expired e
 WHERE o.id = e.id
@@ -650,6 +656,7 @@ WITH fired AS (
     SET state = :to_state, transition = :trigger, transition_actor = :actor,
         transition_detail = :detail, version = o.version + 1,
         step_attempts = CASE WHEN CAST(:new_step AS boolean) THEN 0 ELSE o.step_attempts END,
+        max_attempts = CASE WHEN CAST(:new_step AS boolean) THEN NULL ELSE o.max_attempts END,
         run_at = now() + make_interval(secs => coalesce(CAST(:wait_seconds AS float8), 0))
     WHERE o.id = :id
     RETURNING o.id, o.channel, o.state

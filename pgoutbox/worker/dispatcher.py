@@ -622,7 +622,8 @@ def _error_detail(outcome: Outcome, limit: int) -> str:
     op, error = outcome.op, outcome.error
     assert error is not None
     verdict = "not retried (DoNotRetry)" if outcome.give_up else f"of {op.max_attempts}"
-    head = f"attempt {op.attempt} {verdict}: {_error_line(error)}\n"
+    step = "" if op.step == CLAIMED else f" of step {op.step}"
+    head = f"attempt {op.step_attempt}{step} {verdict}: {_error_line(error)}\n"
     text = head + _storable("".join(traceback.format_exception(error)))
     if len(text) <= limit:
         return text
