@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pgoutbox import observability
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext
-from pgoutbox.lifecycle import CLAIMED, FINISHED_STATES, Lifecycle
+from pgoutbox.lifecycle import CLAIMED, DEAD, FAILED, FINISHED_STATES, PENDING
 from pgoutbox.router import HandlerSpec
 from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
@@ -524,7 +524,8 @@ class Dispatcher:
             "backoff_bases": [op.spec.retry.base_seconds for op in ops],
             "backoff_maxes": [op.spec.retry.max_seconds for op in ops],
             "jitters": [op.spec.retry.jitter for op in ops],
-            "retry_states": [FAILED_STATE if op.step == CLAIMED else op.step for op in ops],
+            # The first step waits for its retry in `failed`; a later one in its own state.
+            "retry_states": [FAILED if op.step == CLAIMED else op.step for op in ops],
             "give_up_states": [op.spec.lifecycle.give_up_target(op.step) for op in ops],
             "give_up_new_steps": [
                 op.spec.lifecycle.give_up_target(op.step) not in FINISHED_STATES for op in ops
@@ -546,14 +547,7 @@ class Dispatcher:
                         ids=[op.id for op in ops],
                         versions=[op.version for op in ops],
                         on_lost_dead=[started and op.spec.on_lost == "dead" for op in ops],
-                        to_states=[
-                            "dead"
-                            if started and op.spec.on_lost == "dead"
-                            else "pending"
-                            if op.step == CLAIMED
-                            else op.step
-                            for op in ops
-                        ],
+                        to_states=[_released_to(op, started) for op in ops],
                         worker_id=self.worker_id,
                     ),
                 )
@@ -572,16 +566,20 @@ class Dispatcher:
             self.in_flight.pop(op.id, None)
 
 
-FAILED_STATE = "failed"
+def _released_to(op: Claimed, started: bool) -> str:
+    """Where a graceful stop hands an operation back: dead for a started step whose side effect
+    must not be repeated blindly, else where its step starts again."""
+    if started and op.spec.on_lost == "dead":
+        return DEAD
+    return PENDING if op.step == CLAIMED else op.step
 
 
 def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
     """The trigger a finished step named and the state it leads to. The default lifecycle's
     one step always succeeds; a custom lifecycle's step must name one of its state's exits."""
-    lifecycle: Lifecycle = op.spec.lifecycle
-    if not lifecycle.custom:
+    if not op.spec.lifecycle.custom:
         return "succeed", "succeeded"
-    exits = lifecycle.exits(op.step)
+    exits = op.spec.lifecycle.exits(op.step)
     if not isinstance(result, str) or result not in exits:
         raise StepResultError(
             f"step {op.step!r} of {op.operation_type!r} returned {result!r}; it must return the "
