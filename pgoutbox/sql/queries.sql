@@ -63,61 +63,31 @@ FROM unnest(CAST(:idempotency_keys AS text[]), CAST(:operation_types AS text[]),
 JOIN {s}.operations o ON o.idempotency_key = given.idempotency_key;
 
 -- name: operations_claim_batch
--- Lock due operations of this channel and these (type, lifecycle) pairs, highest priority then
--- oldest first, lease them, and return them in that order (the order the work loops start them
--- in), each with its publisher's trace context and how long it waited since due (for the
--- metrics). Two kinds are due: pending/failed ones (their first step: claimed), and -- only if
--- :has_steps -- ones resting in a later step's state (claimed in place, the state unchanged).
--- One with an ordering key waits until every earlier operation of its key is finished.
+-- Lock due operations of this channel and these (type, lifecycle) pairs waiting for their
+-- first step (pending or failed), highest priority then oldest first, lease them (-> claimed),
+-- and return them in that order (the order the work loops start them in), each with its
+-- publisher's trace context and how long it waited since due (for the metrics). One with an
+-- ordering key waits until every earlier operation of its key is finished.
 -- MATERIALIZED: the planner must not fold the CTE into the UPDATE, or the LIMIT and the
 -- SKIP LOCKED row locks would no longer be applied once, before the update.
-WITH handled AS MATERIALIZED (
-    SELECT * FROM unnest(CAST(:operation_types AS text[]), CAST(:lifecycles AS text[]))
-        AS h(operation_type, lifecycle)
-), due AS MATERIALIZED (
-    SELECT id FROM (
-        SELECT * FROM (
-            SELECT o.id, o.priority, o.run_at
-            FROM {s}.operations o
-            WHERE o.state IN ('pending', 'failed')
-              AND o.channel = :channel
-              AND o.run_at <= now()
-              AND (o.operation_type, o.lifecycle) IN (SELECT * FROM handled)
-              AND (o.ordering_key IS NULL OR NOT EXISTS (
-                  SELECT 1 FROM {s}.operations p
-                  WHERE p.ordering_key = o.ordering_key AND p.id < o.id
-                    AND p.state NOT IN ('succeeded', 'cancelled')))
-            ORDER BY o.priority DESC, o.run_at, o.id
-            LIMIT :batch_size
-            FOR UPDATE OF o SKIP LOCKED
-        ) first_steps
-        UNION ALL
-        SELECT * FROM (
-            SELECT o.id, o.priority, o.run_at
-            FROM {s}.operations o
-            WHERE CAST(:has_steps AS boolean)
-              -- the predicate of the operations_resting index
-              AND o.lease_owner IS NULL
-              AND o.state NOT IN ('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')
-              AND o.channel = :channel
-              AND o.run_at <= now()
-              AND (o.operation_type, o.state) IN (
-                  SELECT * FROM unnest(CAST(:step_types AS text[]), CAST(:step_states AS text[])))
-              AND (o.ordering_key IS NULL OR NOT EXISTS (
-                  SELECT 1 FROM {s}.operations p
-                  WHERE p.ordering_key = o.ordering_key AND p.id < o.id
-                    AND p.state NOT IN ('succeeded', 'cancelled')))
-            ORDER BY o.priority DESC, o.run_at, o.id
-            LIMIT :batch_size
-            FOR UPDATE OF o SKIP LOCKED
-        ) later_steps
-    ) candidates
-    ORDER BY priority DESC, run_at, id
+WITH due AS MATERIALIZED (
+    SELECT o.id
+    FROM {s}.operations o
+    WHERE o.state IN ('pending', 'failed')
+      AND o.channel = :channel
+      AND o.run_at <= now()
+      AND (o.operation_type, o.lifecycle) IN (
+          SELECT * FROM unnest(CAST(:operation_types AS text[]), CAST(:lifecycles AS text[])))
+      AND (o.ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {s}.operations p
+          WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+            AND p.state NOT IN ('succeeded', 'cancelled')))
+    ORDER BY o.priority DESC, o.run_at, o.id
     LIMIT :batch_size
+    FOR UPDATE OF o SKIP LOCKED
 ), claimed AS (
     UPDATE {s}.operations o
-    SET state = CASE WHEN o.state IN ('pending', 'failed') THEN 'claimed' ELSE o.state END,
-        transition = 'claim', transition_actor = :worker_id,
+    SET state = 'claimed', transition = 'claim', transition_actor = :worker_id,
         attempts = o.attempts + 1, step_attempts = o.step_attempts + 1,
         version = o.version + 1,
         lease_owner = :worker_id,
@@ -131,6 +101,46 @@ WITH handled AS MATERIALIZED (
               CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
 )
 -- RETURNING has no defined order: sort explicitly.
+SELECT id, operation_type, state, payload, attempts, step_attempts, max_attempts, version,
+       idempotency_key, trace_context, queue_age_seconds
+FROM claimed
+ORDER BY priority DESC, run_at, id;
+
+-- name: operations_claim_steps
+-- The same for operations resting in a later step's state (these (type, state) pairs): leased
+-- in place, their state unchanged. A separate statement, run only by workers with such steps:
+-- one query for both kinds (a UNION) made every default-lifecycle claim about 10 % slower.
+WITH due AS MATERIALIZED (
+    SELECT o.id
+    FROM {s}.operations o
+    -- the predicate of the operations_resting index
+    WHERE o.lease_owner IS NULL
+      AND o.state NOT IN ('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')
+      AND o.channel = :channel
+      AND o.run_at <= now()
+      AND (o.operation_type, o.state) IN (
+          SELECT * FROM unnest(CAST(:step_types AS text[]), CAST(:step_states AS text[])))
+      AND (o.ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {s}.operations p
+          WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+            AND p.state NOT IN ('succeeded', 'cancelled')))
+    ORDER BY o.priority DESC, o.run_at, o.id
+    LIMIT :batch_size
+    FOR UPDATE OF o SKIP LOCKED
+), claimed AS (
+    UPDATE {s}.operations o
+    SET transition = 'claim', transition_actor = :worker_id,
+        attempts = o.attempts + 1, step_attempts = o.step_attempts + 1,
+        version = o.version + 1,
+        lease_owner = :worker_id,
+        lease_expires_at = now() + make_interval(secs => :lease_seconds)
+    FROM due
+    WHERE o.id = due.id
+    RETURNING o.id, o.operation_type, o.state, o.payload, o.attempts, o.step_attempts,
+              o.max_attempts, o.version, o.idempotency_key, o.priority, o.run_at,
+              o.trace_context,
+              CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
+)
 SELECT id, operation_type, state, payload, attempts, step_attempts, max_attempts, version,
        idempotency_key, trace_context, queue_age_seconds
 FROM claimed

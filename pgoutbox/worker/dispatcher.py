@@ -206,24 +206,38 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     async def claim(self, limit: int) -> list[Claimed]:
-        """Lease up to ``limit`` due operations and queue them for the work loops."""
-        q = self._q["operations_claim_batch"]
+        """Lease up to ``limit`` due operations and queue them for the work loops: later steps
+        of workflows already under way first, then operations waiting for their first step."""
+        args = {
+            "channel": self._settings.channel,
+            "worker_id": self.worker_id,
+            "lease_seconds": self._settings.lease_seconds,
+        }
+        rows: list[asyncpg.Record] = []
         async with self._pool.acquire() as conn:
             started = time.perf_counter()
-            rows = await conn.fetch(
-                q.asyncpg_sql,
-                *q.args(
-                    channel=self._settings.channel,
-                    operation_types=self._types,
-                    lifecycles=self._lifecycles,
-                    has_steps=bool(self._step_types),
-                    step_types=self._step_types,
-                    step_states=self._step_states,
-                    batch_size=limit,
-                    worker_id=self.worker_id,
-                    lease_seconds=self._settings.lease_seconds,
-                ),
-            )
+            if self._step_types:
+                q = self._q["operations_claim_steps"]
+                rows += await conn.fetch(
+                    q.asyncpg_sql,
+                    *q.args(
+                        **args,
+                        step_types=self._step_types,
+                        step_states=self._step_states,
+                        batch_size=limit,
+                    ),
+                )
+            if len(rows) < limit:
+                q = self._q["operations_claim_batch"]
+                rows += await conn.fetch(
+                    q.asyncpg_sql,
+                    *q.args(
+                        **args,
+                        operation_types=self._types,
+                        lifecycles=self._lifecycles,
+                        batch_size=limit - len(rows),
+                    ),
+                )
             elapsed = time.perf_counter() - started
         if observability.metrics is not None:
             observability.metrics.observe_claim(elapsed, rows)

@@ -42,9 +42,6 @@ def default_lifecycle_only(types: list[str]) -> dict[str, Any]:
     """The claim's arguments saying every one of ``types`` runs the default lifecycle."""
     return {
         "lifecycles": ["default"] * len(types),
-        "has_steps": False,
-        "step_types": [],
-        "step_states": [],
     }
 
 
