@@ -1,0 +1,73 @@
+"""Server CPU per operation of pgoutbox's protocol, with and without the audit triggers.
+
+    python benchmarks/bench_server_cpu.py [--n 20000] [--rounds 3] [--batch 10 100]
+
+Wall-clock drains on a shared 2-core machine vary by 15-30 % from run to run; the CPU time the
+PostgreSQL backend spends on the same work varies far less. This drives the bare protocol (the
+bound's sequential variant: ``operations_claim_batch`` then ``operations_record_success`` on one
+connection) and reads that backend's user + system CPU time from ``/proc/<pid>/stat`` (Linux, a
+server on the same machine). It runs twice per batch size: as shipped, and with the user
+triggers of ``operations`` disabled -- no audit row, no hash chain, no lifecycle check -- which
+is what the audit costs per operation. The second case needs a superuser (``ALTER TABLE ...
+DISABLE TRIGGER USER`` on the benchmark's own throwaway schema).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+import asyncpg
+from _common import bench_database, median
+from bench_bound import _claim, _record
+from bench_drain import publish
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    # Fields 14 and 15 of /proc/<pid>/stat (utime, stime), counted after the command name.
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, nargs="+", default=[10, 100])
+    args = parser.parse_args()
+    async with bench_database() as db:
+        schema = db.schema_name
+        conn = await asyncpg.connect(**db.connect_kwargs())
+        try:
+            for audited in (True, False):
+                if not audited:
+                    await conn.execute(f'ALTER TABLE "{schema}".operations DISABLE TRIGGER USER')
+                for batch in args.batch:
+                    per_op = []
+                    for round_ in range(args.rounds):
+                        channel = f"cpu_{int(audited)}_{batch}_{round_}"
+                        await publish(db, args.n, channel)
+                        await conn.execute("CHECKPOINT")
+                        before = _cpu_seconds(conn.get_server_pid())
+                        recorded = 0
+                        while rows := await _claim(conn, schema, channel, batch):
+                            recorded += await _record(conn, schema, rows)
+                        spent = _cpu_seconds(conn.get_server_pid()) - before
+                        assert recorded == args.n, (recorded, args.n)
+                        per_op.append(spent / args.n * 1e6)
+                    rounds = ", ".join(f"{v:.0f}" for v in per_op)
+                    label = "as shipped" if audited else "audit triggers off"
+                    print(
+                        f"  {label:<20} batch {batch:<4} {median(per_op):>6.0f} us of server CPU "
+                        f"per operation (claim + record)   ({rounds})"
+                    )
+        finally:
+            await conn.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
