@@ -120,9 +120,11 @@ class OperationFilter:
 
     ``operation_types`` are exact names or patterns with ``*`` (``billing.*``); ``since`` and
     ``until`` bound ``created_at`` (``since`` inclusive, ``until`` exclusive). ``stale`` keeps
-    only operations that look stuck: pending or failed ones that no live worker of their channel
-    handles, or that have been due for longer than ``older_than``, and claimed ones whose lease
-    expired longer than ``older_than`` ago without being rescued.
+    only operations that look stuck: ones waiting for a step (pending, failed, or resting in a
+    later working state of their lifecycle) that no live worker of their channel handles, or
+    that have been due for longer than ``older_than``, and ones running a step whose lease
+    expired longer than ``older_than`` ago without being rescued. Parked operations wait for a
+    person by design and are never listed as stale.
     """
 
     states: tuple[str, ...] = ()

@@ -392,36 +392,47 @@ SELECT now();
 
 -- name: operations_admin_list
 -- Operations matching an operator's filters, newest first, each with why it is stale (if it
--- is): "unhandled" (pending/failed, and no live worker of its channel handles its type),
--- "overdue" (pending/failed and due for longer than the threshold), "lease_expired" (running a
--- step, its lease expired longer than the threshold ago and nobody rescued it).
+-- is): "unhandled" (waiting for a step -- pending, failed, or resting in a later working state
+-- of its lifecycle -- and no live worker of its channel handles its type), "overdue" (waiting
+-- for a step and due for longer than the threshold), "lease_expired" (running a step, its
+-- lease expired longer than the threshold ago and nobody rescued it). Parked operations wait
+-- for a person by design and are never stale.
 SELECT *
 FROM (
     SELECT o.id, o.operation_type, o.channel, o.lifecycle, o.state, o.attempts, o.max_attempts,
            o.priority, o.run_at, o.idempotency_key, o.created_at, o.created_by, o.updated_at,
            o.last_error, o.lease_owner, o.lease_expires_at, o.version,
            CASE
-               WHEN o.state IN ('pending', 'failed') AND NOT EXISTS (
+               WHEN o.waiting AND NOT EXISTS (
                    SELECT 1 FROM {s}.workers w
                    WHERE w.channel = o.channel AND o.operation_type = ANY(w.operation_types)
                      AND w.heartbeat_at > now() - make_interval(secs => :live_within_seconds)
                ) THEN 'unhandled'
-               WHEN o.state IN ('pending', 'failed')
+               WHEN o.waiting
                     AND o.run_at < now() - make_interval(secs => :older_than_seconds)
                    THEN 'overdue'
                WHEN o.lease_owner IS NOT NULL
                     AND o.lease_expires_at < now() - make_interval(secs => :older_than_seconds)
                    THEN 'lease_expired'
            END AS stale_reason
-    FROM {s}.operations o
-    WHERE (CAST(:states AS text[]) IS NULL OR o.state = ANY(CAST(:states AS text[])))
-      AND (CAST(:type_patterns AS text[]) IS NULL
-           OR o.operation_type LIKE ANY(CAST(:type_patterns AS text[])))
-      AND (CAST(:channels AS text[]) IS NULL OR o.channel = ANY(CAST(:channels AS text[])))
-      AND (CAST(:since AS timestamptz) IS NULL OR o.created_at >= CAST(:since AS timestamptz))
-      AND (CAST(:until AS timestamptz) IS NULL OR o.created_at < CAST(:until AS timestamptz))
-      AND (NOT CAST(:stale AS boolean) OR o.state IN ('pending', 'failed')
-           OR o.lease_owner IS NOT NULL)
+    FROM (
+        SELECT op.*,
+               op.state IN ('pending', 'failed')
+               OR (op.lease_owner IS NULL AND op.lifecycle <> 'default' AND EXISTS (
+                   SELECT 1 FROM {s}.lifecycles l
+                   WHERE l.name = op.lifecycle AND l.definition -> 'working' @> to_jsonb(op.state)
+               )) AS waiting
+        FROM {s}.operations op
+        WHERE (CAST(:states AS text[]) IS NULL OR op.state = ANY(CAST(:states AS text[])))
+          AND (CAST(:type_patterns AS text[]) IS NULL
+               OR op.operation_type LIKE ANY(CAST(:type_patterns AS text[])))
+          AND (CAST(:channels AS text[]) IS NULL OR op.channel = ANY(CAST(:channels AS text[])))
+          AND (CAST(:since AS timestamptz) IS NULL
+               OR op.created_at >= CAST(:since AS timestamptz))
+          AND (CAST(:until AS timestamptz) IS NULL
+               OR op.created_at < CAST(:until AS timestamptz))
+          AND (NOT CAST(:stale AS boolean) OR op.state NOT IN ('succeeded', 'dead', 'cancelled'))
+    ) o
 ) listed
 WHERE NOT CAST(:stale AS boolean) OR stale_reason IS NOT NULL
 ORDER BY id DESC

@@ -36,7 +36,7 @@ from pgoutbox import (
     publish_operation,
     verify,
 )
-from pgoutbox.admin import Admin
+from pgoutbox.admin import Admin, OperationFilter
 from pgoutbox.registry import LifecycleChangeRefused, LifecycleNotRegistered, register
 from pgoutbox.sql import queries
 from pgoutbox.worker.services import Rescuer
@@ -1492,3 +1492,21 @@ async def test_a_replays_extra_attempts_belong_to_the_replayed_step_not_to_later
     last = (await audit(conn, schema, op_id))[-1]
     assert (last["trigger"], last["from_state"], last["to_state"]) == ("give_up", "charged", "dead")
     assert last["detail"].startswith("attempt 1 of step charged of 1: RuntimeError: card declined")
+
+
+async def test_a_later_step_nobody_runs_is_stale_but_a_parked_operation_is_not(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str
+) -> None:
+    calls: Counter[str] = Counter()
+    async with WorkflowSystem(router=approval_router(calls), settings=settings):
+        parked = await publish(sm, settings, "doc.approval")
+        stuck = await publish(sm, settings, "doc.approval")
+        await wait_for_state(conn, schema, parked, "waiting")
+        await wait_for_state(conn, schema, stuck, "waiting")
+    # The worker is gone. One operation is approved: its next step now waits for a worker.
+    async with Admin(settings.database) as admin:
+        await admin.fire(stuck, "approve", actor="alice")
+        listed = await admin.list_operations(OperationFilter(stale=True))
+    assert [(op.id, op.state, op.stale_reason) for op in listed] == [
+        (stuck, "approved", "unhandled")
+    ]
