@@ -221,8 +221,14 @@ class Listener(Service):
                 self._conn.terminate()
         self._conn = None
         conn = await asyncpg.connect(timeout=10, **self._settings.connect_kwargs())
-        conn.add_termination_listener(lambda _conn: self.kick())
-        await conn.add_listener(self._channel, self._notified)
+        try:
+            conn.add_termination_listener(lambda _conn: self.kick())
+            await conn.add_listener(self._channel, self._notified)
+        except BaseException:
+            # Including a stop() that cancels this round right after start(): the connection
+            # is not self._conn yet, so nothing else would ever close it.
+            conn.terminate()
+            raise
         self._conn = conn
         self._on_notify()
         return ListenerResult(True, True)

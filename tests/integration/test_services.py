@@ -4,6 +4,8 @@ through ``run_once()`` rather than by waiting for their tickers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -491,3 +493,41 @@ async def test_listener_run_once_reconnects_a_dropped_connection_and_keeps_notif
     finally:
         await listener.stop()
     assert listener.backend_pid is None
+
+
+async def test_a_listener_stopped_while_it_subscribes_leaves_no_connection_behind(
+    settings: Settings, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A WorkflowSystem stopped right after start() can cancel the listener between connecting
+    # and LISTEN. The client-side wait below widens that window (the server is real).
+    real_add_listener = asyncpg.Connection.add_listener
+
+    async def slow_add_listener(self: asyncpg.Connection, *args: Any) -> None:
+        await asyncio.sleep(0.3)
+        await real_add_listener(self, *args)
+
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", slow_add_listener)
+    name = f"pgoutbox-listener-{uuid.uuid4().hex[:8]}"
+    database = settings.database.model_copy(update={"application_name": name})
+    listener = Listener(database, settings.workflow_system.channel, lambda: None, interval=3600)
+
+    async def open_connections() -> int:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", name
+        )
+        return count
+
+    async def connected() -> bool:
+        return await open_connections() == 1
+
+    round_ = asyncio.create_task(listener.run_once())
+    await eventually(connected, "the listener's connection is open")
+    round_.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await round_
+    await listener.stop()
+
+    async def none_left() -> bool:
+        return await open_connections() == 0
+
+    await eventually(none_left, f"the connection of {name} closed")
