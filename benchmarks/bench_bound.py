@@ -35,32 +35,28 @@ VARIANTS = ("sequential", "pipelined")
 
 async def _claim(conn: asyncpg.Connection, schema: str, channel: str, batch: int) -> list:
     q = queries(schema)["operations_claim_batch"]
-    return await conn.fetch(
-        q.asyncpg_sql,
-        *q.args(
-            channel=channel,
-            operation_types=[OPERATION_TYPE],
-            lifecycles=["default"],
-            batch_size=batch,
-            worker_id=WORKER_ID,
-            lease_seconds=LEASE_SECONDS,
-        ),
+    return await q.fetch(
+        conn,
+        channel=channel,
+        operation_types=[OPERATION_TYPE],
+        lifecycles=["default"],
+        batch_size=batch,
+        worker_id=WORKER_ID,
+        lease_seconds=LEASE_SECONDS,
     )
 
 
 async def _record(conn: asyncpg.Connection, schema: str, rows: list) -> int:
     q = queries(schema)["operations_record_success"]
-    done = await conn.fetch(
-        q.asyncpg_sql,
-        *q.args(
-            ids=[row["id"] for row in rows],
-            versions=[row["version"] for row in rows],
-            to_states=["succeeded"] * len(rows),
-            triggers=["succeed"] * len(rows),
-            new_steps=[False] * len(rows),
-            wait_seconds=[None] * len(rows),
-            worker_id=WORKER_ID,
-        ),
+    done = await q.fetch(
+        conn,
+        ids=[row["id"] for row in rows],
+        versions=[row["version"] for row in rows],
+        to_states=["succeeded"] * len(rows),
+        triggers=["succeed"] * len(rows),
+        new_steps=[False] * len(rows),
+        wait_seconds=[None] * len(rows),
+        worker_id=WORKER_ID,
     )
     return len(done)
 

@@ -392,7 +392,7 @@ class Admin:
     async def now(self) -> datetime:
         """The database's clock."""
         async with self.pool.acquire() as conn:
-            now: datetime = await conn.fetchval(self._q["database_now"].asyncpg_sql)
+            now: datetime = await self._q["database_now"].fetchval(conn)
             return now
 
     async def list_operations(self, filters: OperationFilter | None = None) -> list[Operation]:
@@ -408,9 +408,8 @@ class Admin:
         if f.older_than < timedelta(0):
             raise ValueError(f"older_than must not be negative, not {f.older_than}")
         async with self.pool.acquire() as conn:
-            rows = await _fetch(
+            rows = await self._q["operations_admin_list"].fetch(
                 conn,
-                self._q["operations_admin_list"],
                 states=list(f.states) or None,
                 type_patterns=_like_patterns(f.operation_types),
                 channels=list(f.channels) or None,
@@ -428,9 +427,9 @@ class Admin:
         audit trail. Raises :class:`OperationNotFound` when neither the operation nor any audit
         row of it exists; a purged operation has an audit trail and ``operation=None``."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            row = await _fetchrow(conn, self._q["operations_admin_get"], id=operation_id)
-            audit_rows = await _fetch(
-                conn, self._q["audit_log_of_operation"], operation_id=operation_id
+            row = await self._q["operations_admin_get"].fetchrow(conn, id=operation_id)
+            audit_rows = await self._q["audit_log_of_operation"].fetch(
+                conn, operation_id=operation_id
             )
         if row is None and not audit_rows:
             raise OperationNotFound(f"no operation {operation_id}")
@@ -479,11 +478,11 @@ class Admin:
         """Operations per state and type, the oldest due pending operation's wait, and the
         attempt failure rate since ``since`` (default: the last 24 hours)."""
         async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            now = await conn.fetchval(self._q["database_now"].asyncpg_sql)
+            now = await self._q["database_now"].fetchval(conn)
             since_at = await _resolve(conn, self._q, since)
-            counts = await _fetch(conn, self._q["operations_admin_stats"])
-            outcomes = await _fetch(conn, self._q["audit_log_attempt_outcomes"], since=since_at)
-            oldest = await _fetchrow(conn, self._q["operations_oldest_pending"])
+            counts = await self._q["operations_admin_stats"].fetch(conn)
+            outcomes = await self._q["audit_log_attempt_outcomes"].fetch(conn, since=since_at)
+            oldest = await self._q["operations_oldest_pending"].fetchrow(conn)
         per_type: dict[str, dict[str, int]] = {}
         waiting: dict[str, float] = {}
         for row in counts:
@@ -513,9 +512,8 @@ class Admin:
     async def workers(self) -> list[WorkerInfo]:
         """Registered workers, whether each is live, and the operations each holds."""
         async with self.pool.acquire() as conn:
-            rows = await _fetch(
+            rows = await self._q["workers_admin_list"].fetch(
                 conn,
-                self._q["workers_admin_list"],
                 live_within_seconds=self.live_within.total_seconds(),
             )
         return [WorkerInfo(**dict(row)) for row in rows]
@@ -523,7 +521,7 @@ class Admin:
     async def audit_row_count(self) -> int:
         """How many audit rows there are (e.g. for a progress bar)."""
         async with self.pool.acquire() as conn:
-            count: int = await conn.fetchval(self._q["audit_log_count"].asyncpg_sql)
+            count: int = await self._q["audit_log_count"].fetchval(conn)
             return count
 
     async def verify(self, progress: Callable[[int], None] | None = None) -> AuditVerification:
@@ -617,9 +615,7 @@ class Admin:
         args: dict[str, Any] = {"id": operation_id, "actor": actor, "reason": reason}
         try:
             async with conn.transaction():
-                locked = await _fetchrow(
-                    conn, self._q["operations_lock_for_admin"], id=operation_id
-                )
+                locked = await self._q["operations_lock_for_admin"].fetchrow(conn, id=operation_id)
                 if locked is None:
                     raise OperationNotFound(
                         f"cannot {action} operation {operation_id}: no such operation"
@@ -648,7 +644,7 @@ class Admin:
                         wait_seconds=timeout.seconds if timeout is not None else None,
                     )
                 try:
-                    row = await _fetchrow(conn, self._q[f"operations_{action}"], **args)
+                    row = await self._q[f"operations_{action}"].fetchrow(conn, **args)
                 except asyncpg.exceptions.CheckViolationError as exc:
                     if not str(exc).startswith("pgoutbox:"):
                         raise
@@ -672,9 +668,8 @@ class Admin:
         """How many operations :meth:`purge` would delete now, per state (nothing is deleted)."""
         async with self.pool.acquire() as conn:
             before = await _resolve(conn, self._q, finished_before)
-            rows = await _fetch(
+            rows = await self._q["operations_count_purgeable"].fetch(
                 conn,
-                self._q["operations_count_purgeable"],
                 states=_purgeable_states(include_dead),
                 finished_before=before,
             )
@@ -709,9 +704,8 @@ class Admin:
         batches = 0
         async with self.pool.acquire() as conn:
             before = await _resolve(conn, self._q, finished_before)
-            start = await _fetchrow(
+            start = await self._q["purges_start"].fetchrow(
                 conn,
-                self._q["purges_start"],
                 actor=actor,
                 finished_before=before,
                 include_dead=include_dead,
@@ -721,9 +715,8 @@ class Admin:
             while True:
                 # Each batch is its own transaction (autocommit): a long purge never holds
                 # locks on more than one batch, and stopping it keeps what was done so far.
-                rows = await _fetch(
+                rows = await self._q["operations_purge_batch"].fetch(
                     conn,
-                    self._q["operations_purge_batch"],
                     states=states,
                     finished_before=before,
                     batch_size=batch_size,
@@ -735,10 +728,7 @@ class Admin:
                 batches += 1
                 for row in rows:
                     counts[row["state"]] = counts.get(row["state"], 0) + row["operations"]
-            finished_at = await conn.fetchval(
-                self._q["purges_finish"].asyncpg_sql,
-                *self._q["purges_finish"].args(purge_id=start["id"]),
-            )
+            finished_at = await self._q["purges_finish"].fetchval(conn, purge_id=start["id"])
         return PurgeResult(
             start["id"],
             actor,
@@ -877,7 +867,7 @@ async def _resolve(conn: asyncpg.Connection, q: dict[str, Query], when: When) ->
         if when.tzinfo is None:
             raise ValueError(f"{when!r} has no timezone: pass an aware datetime")
         return when
-    now: datetime = await conn.fetchval(q["database_now"].asyncpg_sql)
+    now: datetime = await q["database_now"].fetchval(conn)
     return now - when
 
 
@@ -885,12 +875,3 @@ async def _resolve_optional(
     conn: asyncpg.Connection, q: dict[str, Query], when: When | None
 ) -> datetime | None:
     return None if when is None else await _resolve(conn, q, when)
-
-
-async def _fetch(conn: asyncpg.Connection, query: Query, **values: Any) -> list[Any]:
-    rows: list[Any] = await conn.fetch(query.asyncpg_sql, *query.args(**values))
-    return rows
-
-
-async def _fetchrow(conn: asyncpg.Connection, query: Query, **values: Any) -> Any:
-    return await conn.fetchrow(query.asyncpg_sql, *query.args(**values))

@@ -168,16 +168,15 @@ async def _walk(
     conn: asyncpg.Connection, schema: str, progress: Callable[[int], None] | None
 ) -> AuditVerification:
     q = queries(schema)
-    orphan = await conn.fetchval(q["operations_without_audit"].asyncpg_sql)
+    orphan = await q["operations_without_audit"].fetchval(conn)
     rows = operations = 0
     problem: AuditProblem | None = None
     chain: _Chain | None = None
     after = (0, 0)
     page_query = q["audit_log_page"]
     while problem is None:
-        page = await conn.fetch(
-            page_query.asyncpg_sql,
-            *page_query.args(after_operation_id=after[0], after_seq=after[1], limit=_PAGE),
+        page = await page_query.fetch(
+            conn, after_operation_id=after[0], after_seq=after[1], limit=_PAGE
         )
         if not page:
             break

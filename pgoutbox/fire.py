@@ -93,7 +93,7 @@ async def fire_on(
         raise FireRefused(f"invalid trigger {trigger!r}: the name of a declared trigger")
     async with conn.transaction():  # a savepoint inside the caller's transaction
         lock = q["operations_lock_for_fire"]
-        row = await conn.fetchrow(lock.asyncpg_sql, *lock.args(id=operation_id))
+        row = await lock.fetchrow(conn, id=operation_id)
         if row is None:
             raise FireRefused(f"cannot fire {trigger!r}: no operation {operation_id}")
         state = row["state"]
@@ -132,18 +132,16 @@ async def fire_on(
         to_state = exits[trigger]
         timeout = lifecycle.timeouts.get(to_state)
         update = q["operations_fire"]
-        await conn.fetchrow(
-            update.asyncpg_sql,
-            *update.args(
-                id=operation_id,
-                to_state=to_state,
-                trigger=trigger,
-                actor=actor,
-                detail=detail,
-                new_step=to_state != state and to_state not in FINISHED_STATES,
-                wait_seconds=timeout.seconds if timeout is not None else None,
-                wake=to_state in lifecycle.working,
-            ),
+        await update.fetchrow(
+            conn,
+            id=operation_id,
+            to_state=to_state,
+            trigger=trigger,
+            actor=actor,
+            detail=detail,
+            new_step=to_state != state and to_state not in FINISHED_STATES,
+            wait_seconds=timeout.seconds if timeout is not None else None,
+            wake=to_state in lifecycle.working,
         )
     return Fired(operation_id, trigger, state, to_state, actor)
 

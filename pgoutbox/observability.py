@@ -295,7 +295,7 @@ class OperationsGaugeRefresher(Service):
         """Count the operations now and set the gauge."""
         conn = await asyncpg.connect(**self._settings.connect_kwargs())
         try:
-            rows = await conn.fetch(self._query.asyncpg_sql)
+            rows = await self._query.fetch(conn)
         finally:
             await conn.close()
         counts = {(row["state"], row["operation_type"]): row["operations"] for row in rows}

@@ -57,10 +57,6 @@ def _custom(handlers: Mapping[str, HandlerSpec]) -> dict[str, Lifecycle]:
     return {s.lifecycle.name: s.lifecycle for s in handlers.values() if s.lifecycle.custom}
 
 
-async def _fetch(conn: asyncpg.Connection, query: Query, **params: object) -> list[asyncpg.Record]:
-    return list(await conn.fetch(query.asyncpg_sql, *query.args(**params)))
-
-
 async def mismatches(
     conn: asyncpg.Connection, q: Mapping[str, Query], handlers: Mapping[str, HandlerSpec]
 ) -> tuple[dict[str, Lifecycle], dict[str, str]]:
@@ -69,13 +65,13 @@ async def mismatches(
     custom = _custom(handlers)
     latest = {
         row["name"]: row["digest"]
-        for row in await _fetch(conn, q["lifecycles_latest"], names=sorted(custom))
+        for row in await q["lifecycles_latest"].fetch(conn, names=sorted(custom))
     }
     changed = {name: lc for name, lc in custom.items() if latest.get(name) != lc.digest}
     wanted = lifecycles_of(handlers)
     current = {
         row["operation_type"]: row["lifecycle"]
-        for row in await _fetch(conn, q["lifecycle_types_get"], operation_types=sorted(wanted))
+        for row in await q["lifecycle_types_get"].fetch(conn, operation_types=sorted(wanted))
     }
     moved = {t: name for t, name in wanted.items() if current.get(t, DEFAULT_NAME) != name}
     return changed, moved
@@ -108,15 +104,14 @@ async def register(
         return Registered({}, {})
     async with conn.transaction():
         lock = q["lifecycles_lock"]
-        await conn.execute(lock.asyncpg_sql, *lock.args(schema=schema))
+        await lock.execute(conn, schema=schema)
         changed, moved = await mismatches(conn, q, handlers)  # another worker may have done it
         versions: dict[str, int] = {}
         for name, lifecycle in sorted(changed.items()):
             versions[name] = await _register_version(conn, q, lifecycle)
         for operation_type, name in sorted(moved.items()):
-            stranded = await _fetch(
+            stranded = await q["operations_unfinished_in_other_lifecycle"].fetch(
                 conn,
-                q["operations_unfinished_in_other_lifecycle"],
                 operation_type=operation_type,
                 lifecycle=name,
             )
@@ -131,19 +126,19 @@ async def register(
             params = {"operation_type": operation_type}
             if name != DEFAULT_NAME:
                 params["lifecycle"] = name
-            await conn.execute(q[query].asyncpg_sql, *q[query].args(**params))
+            await q[query].execute(conn, **params)
     return Registered(versions, moved)
 
 
 async def _register_version(
     conn: asyncpg.Connection, q: Mapping[str, Query], lifecycle: Lifecycle
 ) -> int:
-    [previous] = await _fetch(conn, q["lifecycles_latest"], names=[lifecycle.name]) or [None]
+    [previous] = await q["lifecycles_latest"].fetch(conn, names=[lifecycle.name]) or [None]
     if previous is not None:
         before = Lifecycle.from_definition(json.loads(previous["definition"]))
         removed = sorted(set(before.states) - set(lifecycle.states))
-        stranded = await _fetch(
-            conn, q["operations_in_removed_states"], lifecycle=lifecycle.name, states=removed
+        stranded = await q["operations_in_removed_states"].fetch(
+            conn, lifecycle=lifecycle.name, states=removed
         )
         if stranded:
             listed = ", ".join(f"{r['id']} ({r['state']})" for r in stranded)
@@ -152,27 +147,21 @@ async def _register_version(
                 f"{', '.join(removed)}, where {stranded[0]['total']} operations still are: "
                 f"{listed}; move them on (pgoutbox ops fire / cancel) or keep those states"
             )
-    [row] = await _fetch(
+    [row] = await q["lifecycles_register_version"].fetch(
         conn,
-        q["lifecycles_register_version"],
         lifecycle=lifecycle.name,
         digest=lifecycle.digest,
         definition=json.dumps(lifecycle.definition()),
     )
-    await conn.execute(
-        q["lifecycle_transitions_clear"].asyncpg_sql,
-        *q["lifecycle_transitions_clear"].args(lifecycle=lifecycle.name),
-    )
+    await q["lifecycle_transitions_clear"].execute(conn, lifecycle=lifecycle.name)
     rows = lifecycle.rows()
     query = q["lifecycle_transitions_add"]
-    await conn.execute(
-        query.asyncpg_sql,
-        *query.args(
-            lifecycle=lifecycle.name,
-            from_states=[r[1] for r in rows],
-            triggers=[r[2] for r in rows],
-            to_states=[r[3] for r in rows],
-        ),
+    await query.execute(
+        conn,
+        lifecycle=lifecycle.name,
+        from_states=[r[1] for r in rows],
+        triggers=[r[2] for r in rows],
+        to_states=[r[3] for r in rows],
     )
     return int(row["version"])
 
@@ -181,11 +170,11 @@ async def lifecycle_of_type(
     conn: asyncpg.Connection, q: Mapping[str, Query], operation_type: str
 ) -> tuple[Lifecycle, int | None]:
     """The lifecycle the database has for ``operation_type`` and its version (None: default)."""
-    rows = await _fetch(conn, q["lifecycle_types_get"], operation_types=[operation_type])
+    rows = await q["lifecycle_types_get"].fetch(conn, operation_types=[operation_type])
     if not rows:
         return DEFAULT_LIFECYCLE, None
     name = rows[0]["lifecycle"]
-    latest = await _fetch(conn, q["lifecycles_latest"], names=[name])
+    latest = await q["lifecycles_latest"].fetch(conn, names=[name])
     if not latest:
         raise LifecycleNotRegistered(
             f"operation type {operation_type!r} names lifecycle {name!r}, which has no "

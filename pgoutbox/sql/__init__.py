@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from asyncpg import Connection, Record
 from sqlalchemy import TextClause, text
 
 from pgoutbox.migrations import quote_schema
@@ -39,6 +40,25 @@ class Query:
     def clause(self) -> TextClause:
         """The statement for ``session.execute(query.clause(), {...})``."""
         return text(self.sql)
+
+    async def fetch(self, conn: Connection, **values: Any) -> list[Record]:
+        """Run on an asyncpg connection (or pool); every row."""
+        rows: list[Record] = await conn.fetch(self.asyncpg_sql, *self.args(**values))
+        return rows
+
+    async def fetchrow(self, conn: Connection, **values: Any) -> Record | None:
+        """Run on an asyncpg connection (or pool); the first row, or None."""
+        row: Record | None = await conn.fetchrow(self.asyncpg_sql, *self.args(**values))
+        return row
+
+    async def fetchval(self, conn: Connection, **values: Any) -> Any:
+        """Run on an asyncpg connection (or pool); the first column of the first row."""
+        return await conn.fetchval(self.asyncpg_sql, *self.args(**values))
+
+    async def execute(self, conn: Connection, **values: Any) -> str:
+        """Run on an asyncpg connection (or pool); the command's status."""
+        status: str = await conn.execute(self.asyncpg_sql, *self.args(**values))
+        return status
 
 
 @functools.cache

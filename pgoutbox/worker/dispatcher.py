@@ -218,25 +218,21 @@ class Dispatcher:
             started = time.perf_counter()
             if self._step_types:
                 q = self._q["operations_claim_steps"]
-                rows += await conn.fetch(
-                    q.asyncpg_sql,
-                    *q.args(
-                        **args,
-                        step_types=self._step_types,
-                        step_states=self._step_states,
-                        batch_size=limit,
-                    ),
+                rows += await q.fetch(
+                    conn,
+                    **args,
+                    step_types=self._step_types,
+                    step_states=self._step_states,
+                    batch_size=limit,
                 )
             if len(rows) < limit:
                 q = self._q["operations_claim_batch"]
-                rows += await conn.fetch(
-                    q.asyncpg_sql,
-                    *q.args(
-                        **args,
-                        operation_types=self._types,
-                        lifecycles=self._lifecycles,
-                        batch_size=limit - len(rows),
-                    ),
+                rows += await q.fetch(
+                    conn,
+                    **args,
+                    operation_types=self._types,
+                    lifecycles=self._lifecycles,
+                    batch_size=limit - len(rows),
                 )
             elapsed = time.perf_counter() - started
         if observability.metrics is not None:
@@ -272,15 +268,13 @@ class Dispatcher:
         q = self._q["operations_next_run_at"]
         try:
             async with self._pool.acquire() as conn:
-                wait = await conn.fetchval(
-                    q.asyncpg_sql,
-                    *q.args(
-                        channel=self._settings.channel,
-                        operation_types=self._types,
-                        has_steps=bool(self._step_types),
-                        step_types=self._step_types,
-                        step_states=self._step_states,
-                    ),
+                wait = await q.fetchval(
+                    conn,
+                    channel=self._settings.channel,
+                    operation_types=self._types,
+                    has_steps=bool(self._step_types),
+                    step_types=self._step_types,
+                    step_states=self._step_states,
                 )
         except CONNECTION_ERRORS:
             return poll
@@ -453,13 +447,11 @@ class Dispatcher:
             return False
         q = self._q["audit_log_outcomes_recorded"]
         async with self._pool.acquire() as conn:
-            found = await conn.fetchval(
-                q.asyncpg_sql,
-                *q.args(
-                    ids=[op.id for op in recorded],
-                    attempts=[op.attempt for op in recorded],
-                    worker_id=self.worker_id,
-                ),
+            found = await q.fetchval(
+                conn,
+                ids=[op.id for op in recorded],
+                attempts=[op.attempt for op in recorded],
+                worker_id=self.worker_id,
             )
         if found:
             log.info("the last recording committed before its connection dropped; not retried")
@@ -480,10 +472,7 @@ class Dispatcher:
         async with self._pool.acquire() as conn, conn.transaction():
             if successes:
                 q = self._q["operations_record_success"]
-                rows = await conn.fetch(
-                    q.asyncpg_sql,
-                    *q.args(**_success_args(successes), worker_id=self.worker_id),
-                )
+                rows = await q.fetch(conn, **_success_args(successes), worker_id=self.worker_id)
                 done = {row["id"] for row in rows}
                 for op in (o.op for o in successes):
                     if op.id not in done:
@@ -493,7 +482,7 @@ class Dispatcher:
                         )
             if failures:
                 q = self._q["operations_record_failure"]
-                rows = await conn.fetch(q.asyncpg_sql, *q.args(**self._failure_args(failures)))
+                rows = await q.fetch(conn, **self._failure_args(failures))
                 failed_into = {row["id"]: row["state"] for row in rows}
                 for o in failures:
                     if o.op.id not in failed_into:
@@ -503,13 +492,11 @@ class Dispatcher:
                         )
             if rejected:
                 q = self._q["operations_record_rejected"]
-                await conn.execute(
-                    q.asyncpg_sql,
-                    *q.args(
-                        ids=list(rejected),
-                        details=list(rejected.values()),
-                        worker_id=self.worker_id,
-                    ),
+                await q.execute(
+                    conn,
+                    ids=list(rejected),
+                    details=list(rejected.values()),
+                    worker_id=self.worker_id,
                 )
         # Counted once committed: a batch retried after a dropped connection counts once.
         if observability.metrics is not None:
@@ -555,15 +542,13 @@ class Dispatcher:
         q = self._q["operations_release"]
         try:
             async with self._pool.acquire() as conn:
-                rows = await conn.fetch(
-                    q.asyncpg_sql,
-                    *q.args(
-                        ids=[op.id for op in ops],
-                        versions=[op.version for op in ops],
-                        on_lost_dead=[started and op.spec.on_lost == "dead" for op in ops],
-                        to_states=[_released_to(op, started) for op in ops],
-                        worker_id=self.worker_id,
-                    ),
+                rows = await q.fetch(
+                    conn,
+                    ids=[op.id for op in ops],
+                    versions=[op.version for op in ops],
+                    on_lost_dead=[started and op.spec.on_lost == "dead" for op in ops],
+                    to_states=[_released_to(op, started) for op in ops],
+                    worker_id=self.worker_id,
                 )
         except CONNECTION_ERRORS as exc:
             log.warning("could not release %d operations (%s); the rescuer will", len(ops), exc)

@@ -55,18 +55,16 @@ class Heartbeat(Service):
     async def run_once(self) -> HeartbeatResult:
         held = dict(self._held())
         async with self._pool.acquire() as conn:
-            await conn.execute(self._q["workers_heartbeat"].asyncpg_sql, self._worker_id)
+            await self._q["workers_heartbeat"].execute(conn, worker_id=self._worker_id)
             if not held:
                 return HeartbeatResult(0, ())
             q = self._q["operations_extend_leases"]
-            rows = await conn.fetch(
-                q.asyncpg_sql,
-                *q.args(
-                    ids=list(held),
-                    versions=list(held.values()),
-                    lease_seconds=self._lease_seconds,
-                    worker_id=self._worker_id,
-                ),
+            rows = await q.fetch(
+                conn,
+                ids=list(held),
+                versions=list(held.values()),
+                lease_seconds=self._lease_seconds,
+                worker_id=self._worker_id,
             )
         extended = {row["id"] for row in rows}
         not_extended = tuple(sorted(set(held) - extended))
@@ -135,29 +133,25 @@ class Rescuer(Service):
     async def run_once(self) -> RescueResult:
         q = self._q["operations_rescue_expired"]
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                q.asyncpg_sql,
-                *q.args(
-                    **self._policy,
-                    channel=self._channel,
-                    limit=self._batch,
-                    worker_id=self._worker_id,
-                ),
+            rows = await q.fetch(
+                conn,
+                **self._policy,
+                channel=self._channel,
+                limit=self._batch,
+                worker_id=self._worker_id,
             )
-            pruned = await conn.fetch(
-                self._q["workers_prune"].asyncpg_sql, self._stale_worker_seconds
+            pruned = await self._q["workers_prune"].fetch(
+                conn, stale_seconds=self._stale_worker_seconds
             )
             timed_out = []
             if self._timeouts["lifecycles"]:
                 q = self._q["operations_expire_parked"]
-                timed_out = await conn.fetch(
-                    q.asyncpg_sql,
-                    *q.args(
-                        **self._timeouts,
-                        channel=self._channel,
-                        limit=self._batch,
-                        worker_id=self._worker_id,
-                    ),
+                timed_out = await q.fetch(
+                    conn,
+                    **self._timeouts,
+                    channel=self._channel,
+                    limit=self._batch,
+                    worker_id=self._worker_id,
                 )
         dead = sum(1 for row in rows if row["state"] == "dead")
         if observability.metrics is not None:

@@ -94,15 +94,13 @@ class WorkflowSystem:
             self._engine = create_engine(db, pool_size=ws.n_workers)
             sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         async with self._pool.acquire() as conn:
-            await conn.execute(
-                q["workers_register"].asyncpg_sql,
-                *q["workers_register"].args(
-                    worker_id=self.worker_id,
-                    hostname=socket.gethostname(),
-                    pid=os.getpid(),
-                    channel=ws.channel,
-                    operation_types=sorted(self.handlers),
-                ),
+            await q["workers_register"].execute(
+                conn,
+                worker_id=self.worker_id,
+                hostname=socket.gethostname(),
+                pid=os.getpid(),
+                channel=ws.channel,
+                operation_types=sorted(self.handlers),
             )
         dispatcher = Dispatcher(
             self._pool, q, ws, db.schema_name, self.handlers, self.worker_id, sessions
@@ -158,7 +156,7 @@ class WorkflowSystem:
             q = queries(self.settings.database.schema_name)
             try:
                 async with self._pool.acquire() as conn:
-                    await conn.execute(q["workers_unregister"].asyncpg_sql, self.worker_id)
+                    await q["workers_unregister"].execute(conn, worker_id=self.worker_id)
             except Exception as exc:  # the row only informs operators; never block a stop
                 log.warning("could not unregister worker %s: %s", self.worker_id, exc)
             await self._pool.close()
