@@ -579,9 +579,7 @@ class Admin:
         Raises :class:`pgoutbox.fire.FireRefused` (nothing changed) when it is not allowed;
         see :func:`pgoutbox.fire.fire`."""
         async with self.pool.acquire() as conn:
-            return await fire_on(
-                conn, self._q, operation_id, trigger, actor=_checked_actor(actor), detail=detail
-            )
+            return await fire_on(conn, self._q, operation_id, trigger, actor=actor, detail=detail)
 
     async def _act(
         self,
