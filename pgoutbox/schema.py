@@ -23,6 +23,9 @@ live in the migrations. Usage::
     ``pgoutbox[otel]``); see docs/observability.md. ``ordering_key`` (operations sharing one
     run one at a time, in publish order) and ``step_attempts`` (attempts of the current step of
     a multi-step lifecycle; ``attempts`` counts them all) arrived with custom lifecycles.
+    ``audit_from_state``, ``audit_trigger``, ``audit_actor``, ``audit_detail`` and
+    ``audit_prev_hash`` stage the audit row of the transition an UPDATE makes, for the statement
+    trigger that appends it; NULL after an UPDATE that makes none.
 
 ``<schema>.audit_log`` -- append-only, one row per state change including creation:
     ``operation_id``, ``seq`` (1, 2, 3... per operation; the primary key with ``operation_id``),
@@ -182,6 +185,19 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             comment="Attempts of the current step; max_attempts applies to it. attempts counts "
             "them all.",
         ),
+        Column("audit_from_state", Text, nullable=True),
+        Column(
+            "audit_trigger",
+            Text,
+            nullable=True,
+            comment="Staged audit entry (with audit_from_state, audit_actor, audit_detail, "
+            "audit_prev_hash): set by the audit trigger when an UPDATE makes a transition, "
+            "appended to audit_log at the end of that statement, cleared by the next UPDATE "
+            "that makes none.",
+        ),
+        Column("audit_actor", Text, nullable=True),
+        Column("audit_detail", Text, nullable=True),
+        Column("audit_prev_hash", BYTEA, nullable=True),
         PrimaryKeyConstraint("id", name="operations_pkey"),
         UniqueConstraint("idempotency_key", name="operations_idempotency_key_key"),
         CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
