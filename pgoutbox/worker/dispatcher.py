@@ -71,13 +71,16 @@ class Claimed:
 
 @dataclass(slots=True)
 class Outcome:
-    """How an attempt ended. ``committed``: a transactional success already recorded."""
+    """How an attempt ended. ``committed``: its success is recorded already (a transactional
+    one, or by an earlier statement of its batch). ``refused``: its result is not the
+    operation's any more (its lease was lost); only a 'reject' audit event records it."""
 
     op: Claimed
     error: BaseException | None = None
     give_up: bool = False
     committed: bool = False
     lease_lost: bool = False
+    refused: str | None = None
     trigger: str = "succeed"  # on success: the trigger the step named
     to_state: str = "succeeded"
 
@@ -325,7 +328,11 @@ class Dispatcher:
             trigger, to_state = _next_state(op, result)
             return Outcome(op, trigger=trigger, to_state=to_state)
         except LeaseLost:
-            return Outcome(op, lease_lost=True)
+            refused = (
+                f"attempt {op.attempt} by {self.worker_id} refused: lease lost before its "
+                "transaction committed; nothing of it was kept"
+            )
+            return Outcome(op, lease_lost=True, refused=refused)
         except DoNotRetry as exc:
             return Outcome(op, exc, give_up=True)
         except Exception as exc:
@@ -438,11 +445,12 @@ class Dispatcher:
     async def _recorded_before(self, batch: list[Outcome]) -> bool:
         """Whether the batch's transaction committed although its reply was lost.
 
-        The batch is recorded in one transaction, so it committed whole or not at all: one of
-        its outcomes in the audit log under this worker's name means all of them are. Without
-        this check the retry would find its own outcomes and audit them as refused.
+        The batch is recorded in one statement or one transaction, so it committed whole or
+        not at all: one of its outcomes in the audit log under this worker's name means all of
+        them are. Without this check the retry would find its own outcomes and audit them as
+        refused. Outcomes marked recorded or refused are not looked for.
         """
-        recorded = [o.op for o in batch if o.error is not None or not (o.committed or o.lease_lost)]
+        recorded = [o.op for o in batch if not (o.committed or o.refused)]
         if not recorded:
             return False
         q = self._q["audit_log_outcomes_recorded"]
@@ -458,51 +466,43 @@ class Dispatcher:
         return bool(found)
 
     async def _record(self, batch: list[Outcome]) -> None:
-        successes = [o for o in batch if o.error is None and not o.committed and not o.lease_lost]
-        failures = [o for o in batch if o.error is not None]
-        rejected: dict[int, str] = {
-            o.op.id: f"attempt {o.op.attempt} by {self.worker_id} refused: lease lost before "
-            "its transaction committed; nothing of it was kept"
-            for o in batch
-            if o.lease_lost
-        }
+        successes = [o for o in batch if o.error is None and not o.committed and not o.refused]
+        failures = [o for o in batch if o.error is not None and not o.refused]
         failed_into: dict[int, str] = {}  # operation id -> the state its failure recorded
-        # One transaction for the batch: after a dropped connection the retry must not find its
-        # own committed successes and refuse them as if another worker had taken the lease.
-        async with self._pool.acquire() as conn, conn.transaction():
-            if successes:
-                q = self._q["operations_record_success"]
-                rows = await q.fetch(conn, **_success_args(successes), worker_id=self.worker_id)
-                done = {row["id"] for row in rows}
-                for op in (o.op for o in successes):
-                    if op.id not in done:
-                        rejected[op.id] = (
-                            f"late result of attempt {op.attempt} by {self.worker_id} refused "
-                            "(its lease was lost): the handler returned success"
-                        )
-            if failures:
-                q = self._q["operations_record_failure"]
-                rows = await q.fetch(conn, **self._failure_args(failures))
-                failed_into = {row["id"]: row["state"] for row in rows}
-                for o in failures:
-                    if o.op.id not in failed_into:
-                        rejected[o.op.id] = (
-                            f"late result of attempt {o.op.attempt} by {self.worker_id} refused "
-                            f"(its lease was lost): {_error_line(o.error)}"
-                        )
-            if rejected:
-                q = self._q["operations_record_rejected"]
-                await q.execute(
-                    conn,
-                    ids=list(rejected),
-                    details=list(rejected.values()),
-                    worker_id=self.worker_id,
-                )
+        if successes and len(successes) == len(batch):
+            # Successes only, the usual batch: one statement, atomic by itself, so no BEGIN and
+            # COMMIT round trips. Late results (leases lost) are refused in a second statement;
+            # the first one's outcomes are marked before it, so a retry after a dropped
+            # connection records only the refusals (see _recorded_before).
+            async with self._pool.acquire() as conn:
+                done = await self._record_successes(conn, successes)
+            self._mark_successes(successes, done)
+            if len(done) < len(successes):
+                async with self._pool.acquire() as conn:
+                    await self._record_refused(conn, _refusals(batch))
+        else:
+            # One transaction for the batch: after a dropped connection the retry must not find
+            # its own committed successes and refuse them as if another worker had taken the
+            # lease. Outcomes are marked only once it has committed.
+            async with self._pool.acquire() as conn, conn.transaction():
+                done = await self._record_successes(conn, successes) if successes else set()
+                if failures:
+                    q = self._q["operations_record_failure"]
+                    rows = await q.fetch(conn, **self._failure_args(failures))
+                    failed_into = {row["id"]: row["state"] for row in rows}
+                late = {
+                    **{o.op.id: self._late(o) for o in successes if o.op.id not in done},
+                    **{o.op.id: self._late(o) for o in failures if o.op.id not in failed_into},
+                }
+                await self._record_refused(conn, _refusals(batch) | late)
+            self._mark_successes(successes, done)
+            for o in failures:
+                o.refused = late.get(o.op.id)
         # Counted once committed: a batch retried after a dropped connection counts once.
         if observability.metrics is not None:
             for o in batch:
                 op = o.op
-                if op.id in rejected:
+                if o.refused:
                     observability.metrics.count_attempt(op.operation_type, "rejected")
                 elif o.error is None:  # a success, recorded above or in its own transaction
                     observability.metrics.count_attempt(op.operation_type, "succeeded")
@@ -511,6 +511,41 @@ class Dispatcher:
                     observability.metrics.count_attempt(
                         op.operation_type, "dead" if dead else "failed"
                     )
+
+    async def _record_successes(
+        self, conn: asyncpg.Connection, successes: list[Outcome]
+    ) -> set[int]:
+        """Record these successes, each fenced by its lease; the ids recorded."""
+        q = self._q["operations_record_success"]
+        rows = await q.fetch(conn, **_success_args(successes), worker_id=self.worker_id)
+        return {row["id"] for row in rows}
+
+    def _mark_successes(self, successes: list[Outcome], done: set[int]) -> None:
+        """After their statement committed: recorded, or refused as late."""
+        for o in successes:
+            if o.op.id in done:
+                o.committed = True
+            else:
+                o.refused = self._late(o)
+
+    def _late(self, outcome: Outcome) -> str:
+        """The audit detail of a result that came after its lease was lost."""
+        what = (
+            "the handler returned success" if outcome.error is None else _error_line(outcome.error)
+        )
+        return (
+            f"late result of attempt {outcome.op.attempt} by {self.worker_id} refused "
+            f"(its lease was lost): {what}"
+        )
+
+    async def _record_refused(self, conn: asyncpg.Connection, refused: dict[int, str]) -> None:
+        """Audit refused results (operation id -> detail): a 'reject' event each, no state
+        change."""
+        if refused:
+            q = self._q["operations_record_rejected"]
+            await q.execute(
+                conn, ids=list(refused), details=list(refused.values()), worker_id=self.worker_id
+            )
 
     def _failure_args(self, failures: list[Outcome]) -> dict[str, Any]:
         limit = self._settings.error_max_chars
@@ -585,6 +620,11 @@ def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
             f"trigger to fire next, one of: {', '.join(sorted(exits))}"
         )
     return result, exits[result]
+
+
+def _refusals(batch: list[Outcome]) -> dict[int, str]:
+    """Operation id -> audit detail of the results in ``batch`` already known to be refused."""
+    return {o.op.id: o.refused for o in batch if o.refused}
 
 
 def _success_args(outcomes: list[Outcome]) -> dict[str, Any]:
