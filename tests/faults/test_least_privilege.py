@@ -199,6 +199,52 @@ async def test_worker_role_runs_operations_and_the_audit_names_it(
     assert verification.ok, str(verification.problem)
 
 
+async def test_a_role_own_functions_first_in_its_search_path_change_nothing_audited(
+    roles: Roles, conn: asyncpg.Connection
+) -> None:
+    # A worker role given a schema of its own puts a fake clock and an "=" that calls every
+    # payload equal ahead of pg_catalog. The trigger functions' fixed search_path ignores both.
+    s = f'"{roles.base.schema_name}"'
+    own = f"own_{roles.worker}"
+    await conn.execute(f'CREATE SCHEMA "{own}" AUTHORIZATION "{roles.worker}"')
+    [op_id, other_id] = await _publish(roles.settings(roles.publisher), 2, "c_path")
+    worker = await roles.connect(roles.worker)
+    try:
+        await worker.execute(f"""
+            CREATE FUNCTION "{own}".clock_timestamp() RETURNS timestamptz LANGUAGE sql
+                AS $$ SELECT timestamptz '2000-01-01 00:00:00+00' $$;
+            CREATE FUNCTION "{own}".always(jsonb, jsonb) RETURNS boolean LANGUAGE sql
+                AS $$ SELECT true $$;
+            CREATE OPERATOR "{own}".= (
+                leftarg = jsonb, rightarg = jsonb, function = "{own}".always);
+            SET search_path = "{own}", pg_catalog;
+        """)  # fmt: skip
+        assert await worker.fetchval("SELECT clock_timestamp()") < await conn.fetchval(
+            "SELECT now() - interval '1 year'"
+        )  # the fake clock is what an unqualified call gets in this session
+        await worker.execute(
+            f"UPDATE {s}.operations SET state = 'cancelled', transition = 'cancel' WHERE id = $1",
+            op_id,
+        )
+        with pytest.raises(asyncpg.CheckViolationError, match="recorded intent"):
+            await worker.execute(
+                f"UPDATE {s}.operations SET payload = '{{\"forged\": true}}' WHERE id = $1",
+                other_id,
+            )
+    finally:
+        await worker.close()
+    recorded_at = await conn.fetchval(
+        f"SELECT recorded_at FROM {s}.audit_log WHERE operation_id = $1 AND seq = 2", op_id
+    )
+    assert recorded_at > await conn.fetchval("SELECT now() - interval '1 hour'")
+    assert (
+        await conn.fetchval(f"SELECT payload FROM {s}.operations WHERE id = $1", other_id)
+        == '{"i": 1}'
+    )
+    verification = await verify_chains(conn, roles.base.schema_name)
+    assert verification.ok, str(verification.problem)
+
+
 async def test_auditor_reads_and_verifies_but_cannot_write_anything(
     roles: Roles, conn: asyncpg.Connection
 ) -> None:

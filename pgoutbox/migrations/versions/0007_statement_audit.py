@@ -7,12 +7,12 @@ Create Date: 2026-11-27
 
 Until now every state change ran a SECURITY DEFINER row trigger that looked the transition up in
 ``lifecycle_transitions`` and inserted its audit row, each through its own executor start, and
-each behind a ``search_path`` switch. That was about two thirds of the server time of a claimed
-and recorded operation. Now the work is split by what it needs:
+each with the owner's rights. That was about two thirds of the server time of a claimed and
+recorded operation. Now the work is split by what it needs:
 
-- The row trigger ``b_operations_before_update`` (now SECURITY INVOKER, no table access) still
-  refuses a state change without a named transition, extends the hash chain on the row, and
-  stages the audit entry on the row itself: ``audit_from_state``, ``audit_trigger``,
+- The row trigger ``b_operations_before_update`` (now SECURITY INVOKER, with no table access)
+  still refuses a state change without a named transition, extends the hash chain on the row,
+  and stages the audit entry on the row itself: ``audit_from_state``, ``audit_trigger``,
   ``audit_actor``, ``audit_detail`` and ``audit_prev_hash``. It also fills in the actor, which
   the separate ``b_operations_actor`` trigger did (``current_user`` is the caller's again).
 - One SECURITY DEFINER statement trigger, ``b_operations_after_update``, reads the rows the
@@ -22,6 +22,8 @@ and recorded operation. Now the work is split by what it needs:
 - Any UPDATE that makes no transition (a lease heartbeat) clears the staged entry
   (``a_operations_settled``), so a staged entry is always the current statement's.
 - Creation: the audit rows of an INSERT are appended by one statement trigger too.
+- Every trigger function that compares or computes now has a fixed search_path (before, the
+  insert, immutability and deletion checks resolved operators in the caller's).
 
 The audit rows, their hashes and the chain are exactly as before; only who writes them changed.
 
@@ -71,11 +73,11 @@ COMMENT ON COLUMN {s}.operations.audit_trigger IS
 DROP TRIGGER b_operations_actor ON {s}.operations;
 DROP FUNCTION {s}.operations_transition_actor();
 
--- SECURITY INVOKER and no table access: current_user is the caller, and no search_path switch
--- per row. A caller's search_path can at worst spoil its own row's hash, which audit verify
--- recomputes; the lifecycle check and the audit row are the statement trigger's, below.
+-- SECURITY INVOKER (current_user is the caller) and no table access: the lifecycle check and
+-- the audit row are the statement trigger's, below. Its search_path is fixed all the same, so
+-- that a caller's own functions or operators cannot stand in for clock_timestamp(), + or ||.
 CREATE OR REPLACE FUNCTION {s}.operations_before_update() RETURNS trigger LANGUAGE plpgsql
-    SECURITY INVOKER AS $$
+    SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     at timestamptz := clock_timestamp();
     actor text := coalesce(NEW.transition_actor, current_user);
@@ -183,8 +185,16 @@ CREATE TRIGGER b_operations_after_insert AFTER INSERT ON {s}.operations
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.operations_after_insert();
 ALTER TABLE {s}.operations ENABLE ALWAYS TRIGGER b_operations_after_insert;
 
+-- The other trigger functions that compare or compute (creation's hash and clock, the
+-- immutability and deletion checks) get a fixed search_path too: until now a role allowed to
+-- insert, update or delete could have put its own "=" or clock_timestamp() ahead of
+-- pg_catalog's. (Their WHEN clauses were always safe: they are resolved at CREATE TRIGGER.)
+ALTER FUNCTION {s}.operations_before_insert() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION {s}.operations_before_delete() SET search_path = pg_catalog, pg_temp;
+
 -- The staged entry is the audit trigger's to write, like the rest of the audit head.
-CREATE OR REPLACE FUNCTION {s}.operations_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION {s}.operations_immutable() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     IF NEW.operation_type IS DISTINCT FROM OLD.operation_type
        OR NEW.channel IS DISTINCT FROM OLD.channel
@@ -216,6 +226,8 @@ ALTER TABLE {s}.operations ENABLE ALWAYS TRIGGER a_operations_immutable;
 
 # Back to 0006: 0001's row triggers as 0004 left them, 0004's actor trigger, 0006's immutability.
 DOWNGRADE = """
+ALTER FUNCTION {s}.operations_before_insert() RESET search_path;
+ALTER FUNCTION {s}.operations_before_delete() RESET search_path;
 DROP TRIGGER b_operations_after_update ON {s}.operations;
 DROP FUNCTION {s}.operations_after_update();
 DROP TRIGGER a_operations_settled ON {s}.operations;
