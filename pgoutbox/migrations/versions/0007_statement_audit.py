@@ -20,7 +20,9 @@ recorded operation. Now the work is split by what it needs:
   in one query and appends all their audit rows in one INSERT. A refused transition still
   aborts the whole statement, so nothing is written.
 - Any UPDATE that makes no transition (a lease heartbeat) clears the staged entry
-  (``a_operations_settled``), so a staged entry is always the current statement's.
+  (``a_operations_settled``), so a staged entry is always the current statement's; it also
+  drops a ``transition_actor`` or ``transition_detail`` set without a transition, which until
+  now stayed on the row and was recorded with the next transition.
 - Creation: the audit rows of an INSERT are appended by one statement trigger too.
 - Every trigger function that compares or computes now has a fixed search_path (before, the
   insert, immutability and deletion checks resolved operators in the caller's).
@@ -103,9 +105,10 @@ BEGIN
 END $$;
 
 -- An UPDATE that makes no transition leaves no staged entry behind, so the statement trigger
--- finds staged entries on exactly the rows that changed state in its own statement. "a_": a
--- row trigger's WHEN sees the NEW that earlier triggers returned, and the audit trigger clears
--- NEW.transition, so this one must run first.
+-- finds staged entries on exactly the rows that changed state in its own statement. Nor does
+-- it leave an actor or detail that names no transition: the next transition would have been
+-- audited under them. "a_": a row trigger's WHEN sees the NEW that earlier triggers returned,
+-- and the audit trigger clears NEW.transition, so this one must run first.
 CREATE FUNCTION {s}.operations_settled() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.audit_from_state := NULL;
@@ -113,11 +116,14 @@ BEGIN
     NEW.audit_actor := NULL;
     NEW.audit_detail := NULL;
     NEW.audit_prev_hash := NULL;
+    NEW.transition_actor := NULL;
+    NEW.transition_detail := NULL;
     RETURN NEW;
 END $$;
 CREATE TRIGGER a_operations_settled BEFORE UPDATE ON {s}.operations
     FOR EACH ROW WHEN (NOT (OLD.state IS DISTINCT FROM NEW.state OR NEW.transition IS NOT NULL)
-                       AND OLD.audit_trigger IS NOT NULL)
+                       AND (OLD.audit_trigger IS NOT NULL OR NEW.transition_actor IS NOT NULL
+                            OR NEW.transition_detail IS NOT NULL))
     EXECUTE FUNCTION {s}.operations_settled();
 ALTER TABLE {s}.operations ENABLE ALWAYS TRIGGER a_operations_settled;
 
