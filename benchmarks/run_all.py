@@ -46,9 +46,10 @@ CHART = DOCS / "benchmarks.png"
 BEGIN, END = "<!-- results -->", "<!-- /results -->"
 CHANNEL = "bench"
 
-# What a system's own command-line worker runs on: `pgq run` picks uvloop when it is installed
-# (it is one of PgQueuer's dependencies); pgoutbox's and Procrastinate's CLIs use asyncio.run.
-NATIVE_LOOP = {"pgoutbox": "asyncio", "bound": "asyncio", "pgqueuer": "uvloop"}
+# What a system's own command-line worker runs on: `pgq run` and `pgoutbox worker` pick uvloop
+# when it is installed (a PgQueuer dependency; the `bench` extra installs pgoutbox[uvloop]);
+# Procrastinate's CLI uses asyncio.run. The bound runs on pgoutbox's loop: it is its ceiling.
+NATIVE_LOOP = {"pgoutbox": "uvloop", "bound": "uvloop", "pgqueuer": "uvloop"}
 
 
 @dataclass
