@@ -4,7 +4,9 @@
 
 drain: N no-op operations are published first; the clock runs from WorkflowSystem.start() until
 every one is recorded succeeded. latency: on an idle worker (LISTEN on), the time from the
-commit of publish_operation to the handler's first line.
+commit of publish_operation to the handler's first line. Each drain also reports the CPU time
+this process spent on it per operation (the worker's own cost; PostgreSQL's is
+bench_server_cpu.py's).
 
 Standalone, everything runs in this one process; ``run_all.py`` runs each drain in its own
 process through these same functions.
@@ -143,17 +145,23 @@ async def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=200)
     args = parser.parse_args()
     results: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    cpu: dict[str, list[float]] = {name: [] for name in CONFIGS}  # worker CPU, us per op
     async with bench_database() as db:
         for round_ in range(args.rounds):  # interleaved: every config once per round
             for i, (name, config) in enumerate(CONFIGS.items()):
                 channel = f"drain_{round_}_{i}"
                 await publish(db, args.n, channel)
+                before = time.process_time()
                 results[name].append(args.n / await drain(db, args.n, config, channel))
+                cpu[name].append((time.process_time() - before) / args.n * 1e6)
         p50, p99 = await latency(db, args.latency_samples)
     print(f"drain of {args.n:,} no-op operations, one worker, median of {args.rounds}")
     for name, values in results.items():
         rounds = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"  {name:<36}{median(values):>10,.0f} ops/s   ({rounds})")
+        print(
+            f"  {name:<36}{median(values):>10,.0f} ops/s   ({rounds});   "
+            f"worker CPU {median(cpu[name]):.0f} us per operation"
+        )
     print(
         f"latency commit -> handler start: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
         f"({args.latency_samples} samples, idle worker, LISTEN on)"
