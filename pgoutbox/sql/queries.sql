@@ -208,15 +208,13 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:details AS text[])) AS r(id, detail)
 WHERE o.id = r.id;
 
 -- name: audit_log_outcomes_recorded
--- Whether this worker already recorded the outcome of any of these attempts (a retry after a
--- commit whose reply was lost must not record them again, nor call them refused).
-SELECT EXISTS (
-    SELECT 1
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS given(id, attempt)
-    JOIN {s}.audit_log a ON a.operation_id = given.id AND a.attempt = given.attempt
-    -- the row after the claim: the step's outcome, whatever trigger it named
-    WHERE a.actor = :worker_id AND a.trigger NOT IN ('claim', 'reject')
-);
+-- Which of these attempts this worker already recorded the outcome of (a retry after a commit
+-- whose reply was lost must not record them again, nor call them refused).
+SELECT DISTINCT given.id
+FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS given(id, attempt)
+JOIN {s}.audit_log a ON a.operation_id = given.id AND a.attempt = given.attempt
+-- the row after the claim: the step's outcome, whatever trigger it named
+WHERE a.actor = :worker_id AND a.trigger NOT IN ('claim', 'reject');
 
 -- name: operations_extend_leases
 -- Heartbeat: push the lease of what this worker still holds; returns the ids extended.

@@ -443,27 +443,34 @@ class Dispatcher:
                 )
 
     async def _recorded_before(self, batch: list[Outcome]) -> bool:
-        """Whether the batch's transaction committed although its reply was lost.
+        """Whether the batch's last recording committed although its reply was lost.
 
-        The batch is recorded in one statement or one transaction, so it committed whole or
-        not at all: one of its outcomes in the audit log under this worker's name means all of
-        them are. Without this check the retry would find its own outcomes and audit them as
-        refused. Outcomes marked recorded or refused are not looked for.
+        Without this check the retry would find its own outcomes and audit them as refused.
+        Outcomes already marked recorded or refused are not looked for. A batch recorded in one
+        transaction committed whole or not at all: one of its outcomes in the audit log under
+        this worker's name means all of them are. A batch of successes only was recorded by one
+        statement, and its refusals by a second one: the successes that statement did not
+        record are marked refused (their leases were lost), and False is returned so that the
+        retry records the refusals.
         """
-        recorded = [o.op for o in batch if not (o.committed or o.refused)]
-        if not recorded:
+        looked_for = [o for o in batch if not (o.committed or o.refused)]
+        if not looked_for:
             return False
         q = self._q["audit_log_outcomes_recorded"]
         async with self._pool.acquire() as conn:
-            found = await q.fetchval(
+            rows = await q.fetch(
                 conn,
-                ids=[op.id for op in recorded],
-                attempts=[op.attempt for op in recorded],
+                ids=[o.op.id for o in looked_for],
+                attempts=[o.op.attempt for o in looked_for],
                 worker_id=self.worker_id,
             )
-        if found:
-            log.info("the last recording committed before its connection dropped; not retried")
-        return bool(found)
+        if not rows:
+            return False
+        log.info("the last recording committed before its connection dropped; not retried")
+        if len(looked_for) == len(batch) and all(o.error is None for o in batch):
+            self._mark_successes(looked_for, {row["id"] for row in rows})
+            return not _refusals(batch)
+        return True
 
     async def _record(self, batch: list[Outcome]) -> None:
         successes = [o for o in batch if o.error is None and not o.committed and not o.refused]
