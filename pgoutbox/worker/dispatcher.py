@@ -73,13 +73,13 @@ class Claimed:
 class Outcome:
     """How an attempt ended. ``committed``: its success is recorded already (a transactional
     one, or by an earlier statement of its batch). ``refused``: its result is not the
-    operation's any more (its lease was lost); only a 'reject' audit event records it."""
+    operation's any more (its lease was lost); only a 'reject' audit event, with this detail,
+    records it."""
 
     op: Claimed
     error: BaseException | None = None
     give_up: bool = False
     committed: bool = False
-    lease_lost: bool = False
     refused: str | None = None
     trigger: str = "succeed"  # on success: the trigger the step named
     to_state: str = "succeeded"
@@ -309,7 +309,7 @@ class Dispatcher:
             outcome = await self._run(op)
             if outcome.error is not None:
                 observability.record_attempt_failure(span, outcome.error)
-            elif outcome.lease_lost:
+            elif outcome.refused:  # the lease was lost before the handler's commit
                 observability.record_attempt_failure(
                     span, None, "lease lost before the transaction committed"
                 )
@@ -332,7 +332,7 @@ class Dispatcher:
                 f"attempt {op.attempt} by {self.worker_id} refused: lease lost before its "
                 "transaction committed; nothing of it was kept"
             )
-            return Outcome(op, lease_lost=True, refused=refused)
+            return Outcome(op, refused=refused)
         except DoNotRetry as exc:
             return Outcome(op, exc, give_up=True)
         except Exception as exc:
@@ -467,8 +467,8 @@ class Dispatcher:
         if not rows:
             return False
         log.info("the last recording committed before its connection dropped; not retried")
-        if len(looked_for) == len(batch) and all(o.error is None for o in batch):
-            self._mark_successes(looked_for, {row["id"] for row in rows})
+        if _successes_only(batch):
+            self._mark_successes(batch, {row["id"] for row in rows})
             return not _refusals(batch)
         return True
 
@@ -476,7 +476,7 @@ class Dispatcher:
         successes = [o for o in batch if o.error is None and not o.committed and not o.refused]
         failures = [o for o in batch if o.error is not None and not o.refused]
         failed_into: dict[int, str] = {}  # operation id -> the state its failure recorded
-        if successes and len(successes) == len(batch):
+        if _successes_only(batch):
             # Successes only, the usual batch: one statement, atomic by itself, so no BEGIN and
             # COMMIT round trips. Late results (leases lost) are refused in a second statement;
             # the first one's outcomes are marked before it, so a retry after a dropped
@@ -627,6 +627,12 @@ def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
             f"trigger to fire next, one of: {', '.join(sorted(exits))}"
         )
     return result, exits[result]
+
+
+def _successes_only(batch: list[Outcome]) -> bool:
+    """Whether ``batch`` is successes none of which is recorded or refused yet: the batch
+    recorded by one statement (its refusals, if any, by a second one)."""
+    return bool(batch) and all(o.error is None and not o.committed and not o.refused for o in batch)
 
 
 def _refusals(batch: list[Outcome]) -> dict[int, str]:
