@@ -21,6 +21,18 @@ from pgoutbox.settings import DatabaseSettings
 SESSION_SETTINGS_KEY = "pgoutbox.settings"
 
 
+def session_settings(session: AsyncSession) -> DatabaseSettings | None:
+    """The settings of a session a DatabaseSessionManager handed out; None for another one."""
+    settings = session.info.get(SESSION_SETTINGS_KEY)
+    return settings if isinstance(settings, DatabaseSettings) else None
+
+
+def session_schema(session: AsyncSession) -> str:
+    """The schema pgoutbox's statements on ``session`` use: its settings', else ``pgoutbox``."""
+    settings = session_settings(session)
+    return settings.schema_name if settings else "pgoutbox"
+
+
 def create_engine(settings: DatabaseSettings, *, pool_size: int | None = None) -> AsyncEngine:
     """An async SQLAlchemy engine over asyncpg for ``settings``.
 

@@ -16,9 +16,8 @@ import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pgoutbox.db import SESSION_SETTINGS_KEY
+from pgoutbox.db import session_schema
 from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, FINISHED_STATES, Lifecycle
-from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import Query, queries
 
 _MAX_ACTOR_CHARS = 200
@@ -65,8 +64,7 @@ async def fire(
     state (a working state's triggers are its step's), or its state does not allow ``trigger``
     -- the message lists the triggers that are allowed.
     """
-    settings = session.info.get(SESSION_SETTINGS_KEY)
-    schema = settings.schema_name if isinstance(settings, DatabaseSettings) else "pgoutbox"
+    schema = session_schema(session)
     # A trivial statement first: SQLAlchemy begins the database transaction only with the first
     # statement, and fire_on's savepoint must be inside it, not a transaction of its own.
     await session.execute(text("SELECT 1"))

@@ -15,9 +15,9 @@ from typing import Any, NewType
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from pgoutbox.db import SESSION_SETTINGS_KEY
+from pgoutbox.db import session_schema, session_settings
 from pgoutbox.observability import capture_trace_context
-from pgoutbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, DatabaseSettings, validate_identifier
+from pgoutbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, validate_identifier
 from pgoutbox.sql import Query, queries
 
 OperationId = NewType("OperationId", int)
@@ -223,25 +223,18 @@ async def _lock_ordering_keys(
     """Wait for the turn of these rows' ordering keys (held until the transaction ends)."""
     keys = [row["ordering_key"] for row in rows if row["ordering_key"] is not None]
     if keys:
-        settings = _settings(session)
-        schema = settings.schema_name if settings else "pgoutbox"
         await session.execute(
-            q["operations_lock_ordering_keys"].clause(), {"schema": schema, "ordering_keys": keys}
+            q["operations_lock_ordering_keys"].clause(),
+            {"schema": session_schema(session), "ordering_keys": keys},
         )
 
 
 def _queries(session: AsyncSession) -> dict[str, Query]:
-    settings = _settings(session)
-    return queries(settings.schema_name if settings else "pgoutbox")
-
-
-def _settings(session: AsyncSession) -> DatabaseSettings | None:
-    settings = session.info.get(SESSION_SETTINGS_KEY)
-    return settings if isinstance(settings, DatabaseSettings) else None
+    return queries(session_schema(session))
 
 
 def _max_payload_bytes(session: AsyncSession) -> int:
-    settings = _settings(session)
+    settings = session_settings(session)
     return settings.max_payload_bytes if settings else DEFAULT_MAX_PAYLOAD_BYTES
 
 
