@@ -341,6 +341,20 @@ class Gate:
     async def wait_started(self) -> None:
         await asyncio.wait_for(self.all_started.wait(), WITHIN)
 
+    async def release_after_losing(
+        self, conn: asyncpg.Connection, schema: str, late: int
+    ) -> asyncpg.Record:
+        """Once every handler has started, take ``late``'s lease away (an audited ``lose`` by
+        the test), then let the handlers return success, all in the same turn: ``late``'s
+        result arrives after its lease was lost. The operation row after the ``lose``."""
+        try:
+            await self.wait_started()
+            lost = await conn.fetchrow(_lose_lease_sql(schema), late)
+            assert lost is not None, "the operation was not claimed"
+            return lost
+        finally:
+            self.go.set()
+
 
 @pytest.fixture
 def schema(settings: Settings) -> str:
@@ -449,14 +463,9 @@ async def test_a_late_success_whose_refusal_is_killed_is_rejected_once_on_retry(
 
     fault = await kill_once(conn, schema, "NEW.transition = 'reject'")
     async with WorkflowSystem(router=router, settings=worker_settings) as system:
-        try:
-            op_id = await publish(sm, worker_settings, "rec.slow")
-            await gate.wait_started()
-            # The lease is taken away while the handler runs.
-            lost = await conn.fetchrow(_lose_lease_sql(schema), op_id)
-            assert lost is not None, "the operation was not claimed"
-        finally:
-            gate.go.set()  # the handler returns success, too late
+        op_id = await publish(sm, worker_settings, "rec.slow")
+        # The lease is taken away while the handler runs; it returns success, too late.
+        lost = await gate.release_after_losing(conn, schema, op_id)
 
         reject = await eventually(
             lambda: _reject_of(conn, schema, op_id), "the late result to be refused"
@@ -509,13 +518,8 @@ async def test_a_batch_with_a_late_success_records_the_on_time_one_once_when_the
     on_time = await publish(sm, worker_settings, "rec.slow")
     late = await publish(sm, worker_settings, "rec.slow")
     async with WorkflowSystem(router=router, settings=worker_settings) as system:
-        try:
-            await gate.wait_started()
-            lost = await conn.fetchrow(_lose_lease_sql(schema), late)
-            assert lost is not None, "the operation was not claimed"
-        finally:
-            # Both return success in the same turn: one batch of successes, one of them late.
-            gate.go.set()
+        # Both return success in the same turn: one batch of successes, one of them late.
+        lost = await gate.release_after_losing(conn, schema, late)
         await wait_for_state(conn, schema, on_time, "succeeded")
         await eventually(lambda: _reject_of(conn, schema, late), "the late result to be refused")
         await settled(system)
@@ -677,7 +681,7 @@ async def test_a_late_success_batched_with_a_success_whose_reply_is_lost_is_stil
 ) -> None:
     # A batch of successes, one of them late. The first statement records the on-time one and
     # commits, but its reply is lost: the refusal statement never ran. The retry finds the
-    # on-time outcome in the audit log and stops there.
+    # on-time outcome in the audit log, marks the late one refused and records the refusal.
     router = WorkflowRouter()
     gate = Gate(expected=2)
 
@@ -689,13 +693,8 @@ async def test_a_late_success_batched_with_a_success_whose_reply_is_lost_is_stil
     on_time = await publish(sm, proxied_settings, "rec.ok")
     late = await publish(sm, proxied_settings, "rec.ok")
     async with WorkflowSystem(router=router, settings=proxied_settings) as system:
-        try:
-            await gate.wait_started()
-            lost = await conn.fetchrow(_lose_lease_sql(schema), late)
-            assert lost is not None, "the operation was not claimed"
-        finally:
-            # Both return success in the same turn: one batch of successes, one of them late.
-            gate.go.set()
+        # Both return success in the same turn: one batch of successes, one of them late.
+        lost = await gate.release_after_losing(conn, schema, late)
         await wait_for_state(conn, schema, on_time, "succeeded")
         await settled(system)  # the batch is done with: nothing more will be written for it
         assert (await fault.shots(), proxy.dropped) == (1, 1)
