@@ -2,14 +2,15 @@
 
     python benchmarks/bench_bound.py [--n 20000] [--rounds 3] [--batch 10 100]
 
-The same statements pgoutbox runs (``pgoutbox.sql.queries``: ``operations_claim_batch``, then
-``operations_record_success`` with the claimed ids and versions), the same schema, triggers and
+The statement pgoutbox runs (``pgoutbox.sql.queries``: ``operations_record_and_claim``, which
+records the last batch's successes and claims the next batch), the same schema, triggers and
 audit chain, the same batch size, driven by a bare asyncpg loop with no-op "handlers":
 
-- sequential: one connection; claim a batch, record it, repeat. Each statement is its own
-  (autocommit) transaction.
-- pipelined: one connection claims while another records, with up to two batches in flight,
-  so a claim and a record overlap the way pgoutbox's claim and record loops can.
+- sequential: one connection; each statement records the batch the one before claimed and
+  claims the next. Each statement is its own (autocommit) transaction.
+- pipelined: one connection only claims while another only records (the same statement, with
+  nothing to record or nothing to claim), with up to two batches in flight, so a claim and a
+  record overlap the way pgoutbox's claim and record loops can.
 
 The bound for a batch size is the faster of the two: the ceiling pgoutbox's Python layer
 (dispatcher, handler tasks, heartbeat, listener) is measured against.
@@ -33,10 +34,20 @@ LEASE_SECONDS = 30.0
 VARIANTS = ("sequential", "pipelined")
 
 
-async def _claim(conn: asyncpg.Connection, schema: str, channel: str, batch: int) -> list:
-    q = queries(schema)["operations_claim_batch"]
-    return await q.fetch(
+async def cycle(
+    conn: asyncpg.Connection, schema: str, channel: str, done: list, batch: int
+) -> tuple[list, int]:
+    """Record the claimed rows ``done`` as succeeded and claim up to ``batch`` more, in one
+    statement: (the rows claimed, how many were recorded)."""
+    q = queries(schema)["operations_record_and_claim"]
+    rows = await q.fetch(
         conn,
+        ids=[row["id"] for row in done],
+        versions=[row["version"] for row in done],
+        to_states=["succeeded"] * len(done),
+        triggers=["succeed"] * len(done),
+        new_steps=[False] * len(done),
+        wait_seconds=[None] * len(done),
         channel=channel,
         operation_types=[OPERATION_TYPE],
         lifecycles=["default"],
@@ -44,31 +55,25 @@ async def _claim(conn: asyncpg.Connection, schema: str, channel: str, batch: int
         worker_id=WORKER_ID,
         lease_seconds=LEASE_SECONDS,
     )
+    claimed = [row for row in rows if not row["recorded"]]
+    return claimed, len(rows) - len(claimed)
 
 
-async def _record(conn: asyncpg.Connection, schema: str, rows: list) -> int:
-    q = queries(schema)["operations_record_success"]
-    done = await q.fetch(
-        conn,
-        ids=[row["id"] for row in rows],
-        versions=[row["version"] for row in rows],
-        to_states=["succeeded"] * len(rows),
-        triggers=["succeed"] * len(rows),
-        new_steps=[False] * len(rows),
-        wait_seconds=[None] * len(rows),
-        worker_id=WORKER_ID,
-    )
-    return len(done)
+async def sequential_drain(conn: asyncpg.Connection, schema: str, channel: str, batch: int) -> int:
+    """Record-and-claim until nothing more is due; the operations recorded."""
+    rows, recorded = await cycle(conn, schema, channel, [], batch)
+    while rows:
+        rows, done = await cycle(conn, schema, channel, rows, batch)
+        recorded += done
+    return recorded
 
 
 async def sequential(db: DatabaseSettings, channel: str, batch: int) -> tuple[float, int]:
     """Claim a batch, record it, repeat until nothing is due: (seconds, operations)."""
     conn = await asyncpg.connect(**db.connect_kwargs())
     try:
-        recorded = 0
         start = time.perf_counter()
-        while rows := await _claim(conn, db.schema_name, channel, batch):
-            recorded += await _record(conn, db.schema_name, rows)
+        recorded = await sequential_drain(conn, db.schema_name, channel, batch)
         return time.perf_counter() - start, recorded
     finally:
         await conn.close()
@@ -85,7 +90,7 @@ async def pipelined(db: DatabaseSettings, channel: str, batch: int) -> tuple[flo
     async def claim_loop() -> None:
         while True:
             await room.acquire()
-            rows = await _claim(claim_conn, db.schema_name, channel, batch)
+            rows, _ = await cycle(claim_conn, db.schema_name, channel, [], batch)
             if not rows:
                 room.release()
                 claimed.put_nowait(None)
@@ -102,7 +107,7 @@ async def pipelined(db: DatabaseSettings, channel: str, batch: int) -> tuple[flo
             finished = batches[-1] is None
             rows = [row for rows in batches if rows is not None for row in rows]
             if rows:
-                recorded += await _record(record_conn, db.schema_name, rows)
+                recorded += (await cycle(record_conn, db.schema_name, channel, rows, 0))[1]
             for rows in batches:
                 if rows is not None:
                     room.release()

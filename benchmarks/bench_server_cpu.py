@@ -4,12 +4,12 @@
 
 Wall-clock drains on a shared 2-core machine vary by 15-30 % from run to run; the CPU time the
 PostgreSQL backend spends on the same work varies far less. This drives the bare protocol (the
-bound's sequential variant: ``operations_claim_batch`` then ``operations_record_success`` on one
-connection) and reads that backend's user + system CPU time from ``/proc/<pid>/stat`` (Linux, a
-server on the same machine). It runs twice per batch size: as shipped, and with the user
-triggers of ``operations`` disabled -- no audit row, no hash chain, no lifecycle check -- which
-is what the audit costs per operation. The second case needs a superuser (``ALTER TABLE ...
-DISABLE TRIGGER USER`` on the benchmark's own throwaway schema).
+bound's sequential variant: ``operations_record_and_claim`` recording one batch and claiming
+the next, on one connection) and reads that backend's user + system CPU time from
+``/proc/<pid>/stat`` (Linux, a server on the same machine). It runs twice per batch size: as
+shipped, and with the user triggers of ``operations`` disabled -- no audit row, no hash chain,
+no lifecycle check -- which is what the audit costs per operation. The second case needs a
+superuser (``ALTER TABLE ... DISABLE TRIGGER USER`` on the benchmark's own throwaway schema).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 
 import asyncpg
 from _common import bench_database, median
-from bench_bound import _claim, _record
+from bench_bound import sequential_drain
 from bench_drain import publish
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,9 +53,7 @@ async def main() -> None:
                         await publish(db, args.n, channel)
                         await conn.execute("CHECKPOINT")
                         before = _cpu_seconds(conn.get_server_pid())
-                        recorded = 0
-                        while rows := await _claim(conn, schema, channel, batch):
-                            recorded += await _record(conn, schema, rows)
+                        recorded = await sequential_drain(conn, schema, channel, batch)
                         spent = _cpu_seconds(conn.get_server_pid()) - before
                         assert recorded == args.n, (recorded, args.n)
                         per_op.append(spent / args.n * 1e6)

@@ -2,7 +2,8 @@
 
 A query is written once with ``:name`` parameters and ``{s}`` for the schema, and rendered for
 either driver: ``$1, $2, ...`` for asyncpg (the hot path) or a SQLAlchemy ``TextClause`` (the
-user's session, for publishing).
+user's session, for publishing). A line holding only ``{other_query}`` is replaced by that
+query's statement, so one statement can run another as a CTE without restating it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from sqlalchemy import TextClause, text
 from pgoutbox.migrations import quote_schema
 
 _BLOCK = re.compile(r"^-- name: (\w+)\n((?:--[^\n]*\n)*)(.*?)(?=^-- name: |\Z)", re.M | re.S)
+# `{name}` on a line of its own: another query's statement, used as a CTE of this one.
+_INCLUDE = re.compile(r"^\{(\w+)\}$", re.M)
 # `:name` but not the `::` of a cast.
 _PARAM = re.compile(r"(?<![:\w]):([a-z_][a-z0-9_]*)")
 
@@ -64,7 +67,8 @@ class Query:
 @functools.cache
 def _raw() -> dict[str, str]:
     source = resources.files(__package__).joinpath("queries.sql").read_text()
-    return {m.group(1): m.group(3).strip() for m in _BLOCK.finditer(source)}
+    bodies = {m.group(1): m.group(3).strip().rstrip(";") for m in _BLOCK.finditer(source)}
+    return {name: _INCLUDE.sub(lambda m: bodies[m.group(1)], body) for name, body in bodies.items()}
 
 
 def _positional(names: tuple[str, ...]) -> Callable[[re.Match[str]], str]:

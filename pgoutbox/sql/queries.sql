@@ -62,15 +62,22 @@ FROM unnest(CAST(:idempotency_keys AS text[]), CAST(:operation_types AS text[]),
      AS given(idempotency_key, operation_type, channel, payload)
 JOIN {s}.operations o ON o.idempotency_key = given.idempotency_key;
 
--- name: operations_claim_batch
--- Lock due operations of this channel and these (type, lifecycle) pairs waiting for their
--- first step (pending or failed), highest priority then oldest first, lease them (-> claimed),
--- and return them in that order (the order the work loops start them in), each with its
--- publisher's trace context and how long it waited since due (for the metrics). One with an
--- ordering key waits until every earlier operation of its key is finished.
+-- name: operations_record_and_claim
+-- Record these successes (operations_record_success, fenced the same way), then lock due
+-- operations of this channel and these (type, lifecycle) pairs waiting for their first step
+-- (pending or failed), highest priority then oldest first, lease up to :batch_size of them
+-- (-> claimed) and return them. One statement for both, so a worker that has results and room
+-- pays one round trip, one commit and one pass of the audit statement trigger: pass no
+-- outcomes to only claim, :batch_size 0 to only record. Rows: the claimed operations, in the
+-- order the work loops start them in, each with its publisher's trace context and how long it
+-- waited since due (for the metrics); then the ids recorded, with `recorded` true. One with an
+-- ordering key waits until every earlier operation of its key is finished (as of the
+-- statement's start: an earlier one recorded by this very statement lets it go next time).
 -- MATERIALIZED: the planner must not fold the CTE into the UPDATE, or the LIMIT and the
 -- SKIP LOCKED row locks would no longer be applied once, before the update.
-WITH due AS MATERIALIZED (
+WITH recorded AS (
+{operations_record_success}
+), due AS MATERIALIZED (
     SELECT o.id
     FROM {s}.operations o
     WHERE o.state IN ('pending', 'failed')
@@ -100,11 +107,14 @@ WITH due AS MATERIALIZED (
               -- run_at is not changed by the claim: this is the wait since the op became due.
               CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
 )
--- RETURNING has no defined order: sort explicitly.
-SELECT id, operation_type, state, payload, attempts, step_attempts, max_attempts, version,
-       idempotency_key, trace_context, queue_age_seconds
+SELECT false AS recorded, id, operation_type, state, payload, attempts, step_attempts,
+       max_attempts, version, idempotency_key, trace_context, queue_age_seconds, priority, run_at
 FROM claimed
-ORDER BY priority DESC, run_at, id;
+UNION ALL
+SELECT true, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+FROM recorded
+-- RETURNING has no defined order: sort explicitly.
+ORDER BY recorded, priority DESC, run_at, id;
 
 -- name: operations_claim_steps
 -- The same for operations resting in a later step's state (these (type, state) pairs): leased

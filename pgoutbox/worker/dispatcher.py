@@ -6,8 +6,10 @@ Three kinds of loop share the in-flight table:
   room, and sleeps until woken (notification, a freed slot, the next ``run_at``, or the poll
   interval);
 - ``n_workers`` work loops take claimed operations from a queue and run their handlers;
-- the record loop writes every outcome that has piled up in one transaction, one fenced
-  statement per kind.
+- the record loop writes every outcome that has piled up, one fenced statement per kind, in
+  up to ``RECORD_LANES`` batches at once. A batch of successes is recorded by the statement
+  that also claims as many as it frees, so the usual cycle is one round trip and one commit;
+  the claim loop claims only when nothing is being recorded (at start, after idling).
 
 An operation stays in flight (its lease extended by the heartbeat) from its claim until its
 outcome is committed, so a crash at any point leaves it ``claimed`` until the rescuer finds
@@ -22,7 +24,7 @@ import json
 import logging
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,12 @@ from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
 
 log = logging.getLogger("pgoutbox.worker")
+
+# Batches recorded at once, each on its own connection. Two keep both cores busy: while one
+# statement's backend works, the other's result is being handled or its commit flushed. (The
+# bare protocol drained 1.3x faster at batch 10 and 1.5x at batch 100 with two; three was no
+# faster than two: see docs/benchmarks.md.)
+RECORD_LANES = 2
 handler_log = logging.getLogger("pgoutbox.handler")
 
 _LAST_ERROR_CHARS = 1000
@@ -106,6 +114,8 @@ class Dispatcher:
         later = [(t, s) for t in self._types for s in sorted(handlers[t].lifecycle.step_states)]
         self._step_types = [t for t, _ in later]
         self._step_states = [s for _, s in later]
+        # A worker with later steps claims them first, so only the claim loop claims for it.
+        self._record_claims = not self._step_types
         # Room for one more batch than the handlers can run: the next claim overlaps the
         # recording of the last batch. Claimed operations wait in the queue, their leases
         # extended by the heartbeat.
@@ -117,7 +127,14 @@ class Dispatcher:
         self._record_wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._claiming = True
-        self._record_lock = asyncio.Lock()  # one flush at a time: stop() flushes too
+        # Claims and recordings run concurrently; the room each claim sees counts what the
+        # recordings under way free (their outcomes) and what the other claims may lease.
+        self._recording = 0  # outcomes in recordings under way
+        self._reserved = 0  # operations the claims under way may lease
+        self._no_claims = asyncio.Event()  # no claim under way
+        self._no_claims.set()
+        self._lanes = asyncio.Semaphore(RECORD_LANES)
+        self._flushes: set[asyncio.Task[None]] = set()
         self._claim_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
@@ -153,6 +170,9 @@ class Dispatcher:
         if self._claim_task is not None:
             await asyncio.wait([self._claim_task], timeout=grace_seconds)
             self._claim_task.cancel()
+        # The same for recordings that are claiming too.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._no_claims.wait(), grace_seconds)
         not_started = []
         while not self._queue.empty():
             not_started.append(self._queue.get_nowait())
@@ -172,17 +192,21 @@ class Dispatcher:
         for task in self._running:
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
+        # What is left is recorded here (after the recordings under way), not by the loop.
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
             # Bounded: with the database unreachable, stop() must still return. What is not
             # recorded stays claimed and is rescued when its lease expires.
             await asyncio.wait_for(self._flush(), max(grace_seconds, 1.0))
         except TimeoutError:
             log.warning("could not record the last outcomes in time; the rescuer will")
+            for task in self._flushes:
+                task.cancel()
+            await asyncio.gather(*self._flushes, return_exceptions=True)
         # Still in flight now: handlers that were cancelled mid-run.
         await self._release(list(self.in_flight.values()), started=True)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # -- claim -------------------------------------------------------------------------------
 
@@ -190,18 +214,23 @@ class Dispatcher:
         poll = self._settings.poll_interval_seconds
         while self._claiming:
             self._wake.clear()  # before claiming, so a wake-up during the claim is not lost
-            room = self.capacity - len(self.in_flight)
             timeout: float | None = None
-            if room > 0:
+            # Outcomes waiting or being recorded: that recording claims what they free, and
+            # wakes this loop if it leaves room. Claiming here too would only split one
+            # statement into two. (The poll interval is the backstop, as everywhere.)
+            if self._record_claims and (self._outcomes or self._recording):
+                timeout = poll
+            elif (room := self._room()) > 0:
                 want = min(room, self._settings.batch_size)
+                claimed: list[Claimed] = []
                 try:
                     claimed = await self.claim(want)
                 except CONNECTION_ERRORS as exc:
                     log.warning("claim failed, database unreachable (%s); retrying", exc)
-                    claimed, want = [], 0
+                    want = 0
                 except Exception:
                     log.exception("claim failed; retrying after the poll interval")
-                    claimed, want = [], 0
+                    want = 0
                 if want and len(claimed) == want:
                     continue  # a full batch: more may be due right now
                 timeout = await self._idle_timeout() if want else poll
@@ -211,33 +240,61 @@ class Dispatcher:
     async def claim(self, limit: int) -> list[Claimed]:
         """Lease up to ``limit`` due operations and queue them for the work loops: later steps
         of workflows already under way first, then operations waiting for their first step."""
-        args = {
+        rows: list[asyncpg.Record] = []
+        with self._reserve(limit):
+            async with self._pool.acquire() as conn:
+                started = time.perf_counter()
+                if self._step_types:
+                    q = self._q["operations_claim_steps"]
+                    rows += await q.fetch(
+                        conn,
+                        channel=self._settings.channel,
+                        worker_id=self.worker_id,
+                        lease_seconds=self._settings.lease_seconds,
+                        step_types=self._step_types,
+                        step_states=self._step_states,
+                        batch_size=limit,
+                    )
+                if len(rows) < limit:
+                    q = self._q["operations_record_and_claim"]
+                    rows += await q.fetch(
+                        conn, **_success_args([]), **self._claim_args(limit - len(rows))
+                    )
+                elapsed = time.perf_counter() - started
+            return self._queue_claimed(rows, elapsed)
+
+    def _room(self) -> int:
+        """How many more operations this worker may claim: its capacity less what it will
+        hold once the recordings and claims under way are done."""
+        held = len(self.in_flight) - self._recording + self._reserved
+        return self.capacity - held
+
+    @contextlib.contextmanager
+    def _reserve(self, limit: int) -> Iterator[None]:
+        """Count ``limit`` more operations as held while a claim for them runs (until what it
+        leased is queued)."""
+        self._reserved += limit
+        self._no_claims.clear()
+        try:
+            yield
+        finally:
+            self._reserved -= limit
+            if not self._reserved:
+                self._no_claims.set()
+
+    def _claim_args(self, limit: int) -> dict[str, Any]:
+        """The claiming parameters of ``operations_record_and_claim``: up to ``limit``."""
+        return {
             "channel": self._settings.channel,
             "worker_id": self.worker_id,
             "lease_seconds": self._settings.lease_seconds,
+            "operation_types": self._types,
+            "lifecycles": self._lifecycles,
+            "batch_size": limit,
         }
-        rows: list[asyncpg.Record] = []
-        async with self._pool.acquire() as conn:
-            started = time.perf_counter()
-            if self._step_types:
-                q = self._q["operations_claim_steps"]
-                rows += await q.fetch(
-                    conn,
-                    **args,
-                    step_types=self._step_types,
-                    step_states=self._step_states,
-                    batch_size=limit,
-                )
-            if len(rows) < limit:
-                q = self._q["operations_claim_batch"]
-                rows += await q.fetch(
-                    conn,
-                    **args,
-                    operation_types=self._types,
-                    lifecycles=self._lifecycles,
-                    batch_size=limit - len(rows),
-                )
-            elapsed = time.perf_counter() - started
+
+    def _queue_claimed(self, rows: list[asyncpg.Record], elapsed: float) -> list[Claimed]:
+        """Hold the operations a statement claimed and queue them for the work loops."""
         if observability.metrics is not None:
             observability.metrics.observe_claim(elapsed, rows)
         claimed = []
@@ -392,17 +449,34 @@ class Dispatcher:
     async def _record_loop(self) -> None:
         while True:
             await self._record_wake.wait()
+            await self._lanes.acquire()  # what piles up meanwhile goes in the next batch
             self._record_wake.clear()
-            await self._flush()
+            if not self._outcomes:
+                self._lanes.release()
+                continue
+            batch, self._outcomes = self._outcomes, []
+            task = asyncio.create_task(self._flush_in_lane(batch), name="pgoutbox-record-batch")
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
+
+    async def _flush_in_lane(self, batch: list[Outcome]) -> None:
+        try:
+            await self._flush_batch(batch)
+        finally:
+            self._lanes.release()
 
     async def _flush(self) -> None:
-        """Record every outcome gathered so far, retrying while the database is unreachable."""
-        async with self._record_lock:
-            await self._flush_locked()
-
-    async def _flush_locked(self) -> None:
+        """Record every outcome gathered so far, after the recordings under way."""
+        if self._flushes:
+            await asyncio.wait(set(self._flushes))
         while self._outcomes:
             batch, self._outcomes = self._outcomes, []
+            await self._flush_batch(batch)
+
+    async def _flush_batch(self, batch: list[Outcome]) -> None:
+        """Record ``batch``, retrying while the database is unreachable."""
+        self._recording += len(batch)
+        try:
             delay = 0.1
             retrying = False
             while True:
@@ -426,8 +500,13 @@ class Dispatcher:
                     )
                     await self._record_singly(batch)
                     break
-            for outcome in batch:
-                self.in_flight.pop(outcome.op.id, None)
+        finally:
+            self._recording -= len(batch)
+        for outcome in batch:
+            self.in_flight.pop(outcome.op.id, None)
+        # Room left means the recording claimed less than it freed (or claimed nothing): the
+        # claim loop looks. Otherwise waking it would only race the next recording.
+        if self._room() > 0:
             self.wake()
         if not self.in_flight:
             self._idle.set()
@@ -478,11 +557,11 @@ class Dispatcher:
         failed_into: dict[int, str] = {}  # operation id -> the state its failure recorded
         if _successes_only(batch):
             # Successes only, the usual batch: one statement, atomic by itself, so no BEGIN and
-            # COMMIT round trips. Late results (leases lost) are refused in a second statement;
-            # the first one's outcomes are marked before it, so a retry after a dropped
-            # connection records only the refusals (see _recorded_before).
-            async with self._pool.acquire() as conn:
-                done = await self._record_successes(conn, successes)
+            # COMMIT round trips; it claims the next batch too. Late results (leases lost) are
+            # refused in a second statement; the first one's outcomes are marked before it, so
+            # a retry after a dropped connection records only the refusals (see
+            # _recorded_before).
+            done = await self._record_and_claim(successes)
             self._mark_successes(successes, done)
             if len(done) < len(successes):
                 async with self._pool.acquire() as conn:
@@ -518,6 +597,26 @@ class Dispatcher:
                     observability.metrics.count_attempt(
                         op.operation_type, "dead" if dead else "failed"
                     )
+
+    async def _record_and_claim(self, successes: list[Outcome]) -> set[int]:
+        """Record these successes and claim as many as there is room for (up to a batch) in
+        the same statement; the ids recorded.
+
+        Only a worker whose operations all run their first step claims here: one with later
+        steps claims them first, in the claim loop.
+        """
+        want = 0
+        if self._claiming and self._record_claims:
+            want = max(0, min(self._room(), self._settings.batch_size))
+        q = self._q["operations_record_and_claim"]
+        with self._reserve(want):
+            async with self._pool.acquire() as conn:
+                started = time.perf_counter()
+                rows = await q.fetch(conn, **_success_args(successes), **self._claim_args(want))
+                elapsed = time.perf_counter() - started
+            if want:
+                self._queue_claimed([row for row in rows if not row["recorded"]], elapsed)
+        return {row["id"] for row in rows if row["recorded"]}
 
     async def _record_successes(
         self, conn: asyncpg.Connection, successes: list[Outcome]

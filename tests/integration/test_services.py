@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from opkit import audit, operation, publish, wait_for_state, worker_settings
+from opkit import NOTHING_RECORDED, audit, operation, publish, wait_for_state, worker_settings
 
 from pgoutbox import (
     DatabaseSessionManager,
@@ -41,10 +41,9 @@ async def eventually(check: Any, what: str, within: float = 10) -> None:
 
 
 def default_lifecycle_only(types: list[str]) -> dict[str, Any]:
-    """The claim's arguments saying every one of ``types`` runs the default lifecycle."""
-    return {
-        "lifecycles": ["default"] * len(types),
-    }
+    """The claim's arguments saying every one of ``types`` runs the default lifecycle (and
+    that the statement records nothing)."""
+    return {"lifecycles": ["default"] * len(types), **NOTHING_RECORDED}
 
 
 # The record-success arguments of one operation whose (default-lifecycle) step succeeded.
@@ -61,7 +60,7 @@ async def claim(
 ) -> list[asyncpg.Record]:
     """Claim with the worker's own statement as a worker that then crashes: its lease is
     already over."""
-    claim_batch = q["operations_claim_batch"]
+    claim_batch = q["operations_record_and_claim"]
     return list(
         await conn.fetch(
             claim_batch.asyncpg_sql,
@@ -239,7 +238,7 @@ async def test_the_rescuer_leaves_live_leases_other_channels_and_unhandled_types
     schema: str,
 ) -> None:
     live = await publish(sm, settings, "job.retry")
-    claim_batch = q["operations_claim_batch"]
+    claim_batch = q["operations_record_and_claim"]
     await conn.fetch(
         claim_batch.asyncpg_sql,
         *claim_batch.args(

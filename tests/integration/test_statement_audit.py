@@ -36,6 +36,7 @@ import pytest
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
+from opkit import NOTHING_RECORDED
 
 from pgoutbox import migrations
 from pgoutbox.audit import verify_chains
@@ -189,8 +190,9 @@ async def _assert_chains_verify(
 
 async def _claim_all(conn: asyncpg.Connection, schema: str) -> list[asyncpg.Record]:
     """The worker's own claim query over every due operation of the test channel."""
-    rows: list[asyncpg.Record] = await queries(schema)["operations_claim_batch"].fetch(
+    rows: list[asyncpg.Record] = await queries(schema)["operations_record_and_claim"].fetch(
         conn,
+        **NOTHING_RECORDED,
         channel=CHANNEL,
         operation_types=[OPERATION_TYPE],
         lifecycles=["default"],

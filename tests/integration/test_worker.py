@@ -385,6 +385,44 @@ async def test_only_handled_types_on_the_workers_channel_are_claimed(
         assert await triggers(conn, schema, op_id) == ["publish"]
 
 
+async def test_a_batch_of_successes_is_recorded_by_the_statement_that_claims_the_next_batch(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str
+) -> None:
+    router = WorkflowRouter()
+
+    @router.on("job")
+    async def job(ctx: HandlerContext, payload: Any) -> None:
+        return None
+
+    async with sm.session() as session:
+        channel = settings.workflow_system.channel
+        ids = await publish_many(
+            session,
+            [{"operation_type": "job", "payload": i, "channel": channel} for i in range(40)],
+        )
+        await session.commit()
+    small = worker_settings(settings, batch_size=5, n_workers=5)
+    async with WorkflowSystem(router=router, settings=small):
+        for op_id in ids:
+            await wait_for_state(conn, schema, op_id, "succeeded")
+
+    # The audit rows a transaction wrote share its xmin: one transaction per statement.
+    transactions = await conn.fetch(
+        f"SELECT array_agg(DISTINCT trigger ORDER BY trigger) AS triggers, count(*) AS rows "
+        f'FROM "{schema}".audit_log WHERE operation_id = ANY($1) AND trigger <> $2 '
+        "GROUP BY xmin::text",
+        ids,
+        "publish",
+    )
+    both = [t for t in transactions if list(t["triggers"]) == ["claim", "succeed"]]
+    assert both, [dict(t) for t in transactions]
+    # Each of them recorded at most a batch and claimed at most a batch.
+    assert all(t["rows"] <= 10 for t in both)
+    assert sum(t["rows"] for t in transactions) == 2 * len(ids)
+    # Fewer statements than a claim and a recording per batch would have taken.
+    assert len(transactions) < 2 * len(ids) / 5
+
+
 async def test_higher_priority_runs_first_then_oldest_first(
     settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str
 ) -> None:
