@@ -102,7 +102,7 @@ def drain_cases() -> list[Case]:
         )
     )
     for batch in (10, 100):
-        for variant in ("sequential", "pipelined"):
+        for variant in ("sequential", "two-lane"):
             cases.append(
                 Case(
                     f"bound {variant} batch {batch}",
@@ -275,7 +275,7 @@ def report(
     bound = {
         b: max(
             by_key[f"bound sequential batch {b}"].results,
-            by_key[f"bound pipelined batch {b}"].results,
+            by_key[f"bound two-lane batch {b}"].results,
             key=median,
         )
         for b in (10, 100)
@@ -337,7 +337,7 @@ CHART_GROUPS = (
             "pgoutbox batch 10",
             "pgqueuer batch 10",
             "bound sequential batch 10",
-            "bound pipelined batch 10",
+            "bound two-lane batch 10",
         ),
     ),
     (
@@ -346,7 +346,7 @@ CHART_GROUPS = (
             "pgoutbox batch 100",
             "pgqueuer batch 100",
             "bound sequential batch 100",
-            "bound pipelined batch 100",
+            "bound two-lane batch 100",
         ),
     ),
     (

@@ -308,13 +308,14 @@ WHERE o.id = e.id
 RETURNING o.id, o.state;
 
 -- name: operations_release
--- Graceful stop: hand back operations whose handler did not finish in time (to where their
--- step starts again, or to dead for a started step with on_lost=dead).
+-- Hand back operations this worker holds (to where their step starts again, or to dead for a
+-- started step with on_lost=dead), saying why: a graceful stop before their handler finished,
+-- or leases whose claim's reply was lost.
 UPDATE {s}.operations o
 SET state = r.to_state,
     transition = CASE WHEN r.on_lost_dead THEN 'lose' ELSE 'release' END,
     transition_actor = :worker_id,
-    transition_detail = 'worker stopped before the handler finished',
+    transition_detail = :detail,
     last_error = CASE WHEN r.on_lost_dead THEN 'worker stopped mid-handler (on_lost=dead)'
                  ELSE o.last_error END,
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL
@@ -323,6 +324,13 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:on_lost_d
      AS r(id, version, on_lost_dead, to_state)
 WHERE o.id = r.id AND o.version = r.version AND o.lease_owner = :worker_id
 RETURNING o.id;
+
+-- name: operations_leased_to
+-- What is leased to this worker besides what it holds (:held): operations a claiming statement
+-- leased although its reply never reached the worker.
+SELECT id, version, state
+FROM {s}.operations
+WHERE lease_owner = :worker_id AND NOT (id = ANY (CAST(:held AS bigint[])));
 
 -- name: operations_next_run_at
 -- When the next operation this worker could claim becomes due (NULL: none waiting).

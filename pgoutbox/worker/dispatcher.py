@@ -134,6 +134,9 @@ class Dispatcher:
         self._no_claims = asyncio.Event()  # no claim under way
         self._no_claims.set()
         self._lanes = asyncio.Semaphore(RECORD_LANES)
+        # A claiming statement lost its connection, maybe after its commit: this worker may
+        # hold leases it does not know of. No claim runs until they are handed back.
+        self._orphans = False
         self._flushes: set[asyncio.Task[None]] = set()
         self._claim_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -215,10 +218,12 @@ class Dispatcher:
         while self._claiming:
             self._wake.clear()  # before claiming, so a wake-up during the claim is not lost
             timeout: float | None = None
+            if self._orphans and not self._reserved:
+                await self._release_orphans()
             # Outcomes waiting or being recorded: that recording claims what they free, and
             # wakes this loop if it leaves room. Claiming here too would only split one
             # statement into two. (The poll interval is the backstop, as everywhere.)
-            if self._record_claims and (self._outcomes or self._recording):
+            if self._orphans or (self._record_claims and (self._outcomes or self._recording)):
                 timeout = poll
             elif (room := self._room()) > 0:
                 want = min(room, self._settings.batch_size)
@@ -227,6 +232,7 @@ class Dispatcher:
                     claimed = await self.claim(want)
                 except CONNECTION_ERRORS as exc:
                     log.warning("claim failed, database unreachable (%s); retrying", exc)
+                    self._orphans = True
                     want = 0
                 except Exception:
                     log.exception("claim failed; retrying after the poll interval")
@@ -262,6 +268,34 @@ class Dispatcher:
                     )
                 elapsed = time.perf_counter() - started
             return self._queue_claimed(rows, elapsed)
+
+    async def _release_orphans(self) -> None:
+        """Hand back what a claiming statement leased to this worker although its reply never
+        arrived (the connection dropped after the commit). No handler of them ran, so they go
+        back to where their step starts, whatever their on_lost, instead of waiting for their
+        leases to expire."""
+        try:
+            async with self._pool.acquire() as conn:
+                q = self._q["operations_leased_to"]
+                rows = await q.fetch(conn, worker_id=self.worker_id, held=list(self.in_flight))
+                if rows:
+                    await self._q["operations_release"].fetch(
+                        conn,
+                        ids=[row["id"] for row in rows],
+                        versions=[row["version"] for row in rows],
+                        on_lost_dead=[False] * len(rows),
+                        to_states=[
+                            PENDING if row["state"] == CLAIMED else row["state"] for row in rows
+                        ],
+                        worker_id=self.worker_id,
+                        detail="claimed by a statement whose reply was lost; the handler never ran",
+                    )
+        except CONNECTION_ERRORS as exc:
+            log.warning("could not look for leases of lost claims (%s); retrying", exc)
+            return
+        self._orphans = False
+        if rows:
+            log.warning("handed back %d operations whose claim's reply was lost", len(rows))
 
     def _room(self) -> int:
         """How many more operations this worker may claim: its capacity less what it will
@@ -506,7 +540,7 @@ class Dispatcher:
             self.in_flight.pop(outcome.op.id, None)
         # Room left means the recording claimed less than it freed (or claimed nothing): the
         # claim loop looks. Otherwise waking it would only race the next recording.
-        if self._room() > 0:
+        if self._room() > 0 or self._orphans:
             self.wake()
         if not self.in_flight:
             self._idle.set()
@@ -606,14 +640,18 @@ class Dispatcher:
         steps claims them first, in the claim loop.
         """
         want = 0
-        if self._claiming and self._record_claims:
+        if self._claiming and self._record_claims and not self._orphans:
             want = max(0, min(self._room(), self._settings.batch_size))
         q = self._q["operations_record_and_claim"]
         with self._reserve(want):
-            async with self._pool.acquire() as conn:
-                started = time.perf_counter()
-                rows = await q.fetch(conn, **_success_args(successes), **self._claim_args(want))
-                elapsed = time.perf_counter() - started
+            try:
+                async with self._pool.acquire() as conn:
+                    started = time.perf_counter()
+                    rows = await q.fetch(conn, **_success_args(successes), **self._claim_args(want))
+                    elapsed = time.perf_counter() - started
+            except CONNECTION_ERRORS:
+                self._orphans = self._orphans or want > 0
+                raise
             if want:
                 self._queue_claimed([row for row in rows if not row["recorded"]], elapsed)
         return {row["id"] for row in rows if row["recorded"]}
@@ -690,6 +728,7 @@ class Dispatcher:
                     on_lost_dead=[started and op.spec.on_lost == "dead" for op in ops],
                     to_states=[_released_to(op, started) for op in ops],
                     worker_id=self.worker_id,
+                    detail="worker stopped before the handler finished",
                 )
         except CONNECTION_ERRORS as exc:
             log.warning("could not release %d operations (%s); the rescuer will", len(ops), exc)

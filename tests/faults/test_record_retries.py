@@ -671,6 +671,77 @@ async def test_a_success_committed_with_its_reply_lost_is_not_recorded_twice(
     await chains_verify(conn, schema)
 
 
+async def test_what_a_recording_claimed_with_its_reply_lost_is_handed_back_not_left_to_die(
+    proxy: ReplyDropper,
+    proxied_settings: Settings,
+    sm: DatabaseSessionManager,
+    conn: asyncpg.Connection,
+    schema: str,
+    logs: pytest.LogCaptureFixture,
+) -> None:
+    # The statement that records the first operation's success also claims the second one, and
+    # its reply is lost after the commit: the worker holds a lease it never heard of. With
+    # on_lost="dead", leaving it to expire would send an operation whose handler never ran to
+    # dead. The worker hands it back instead (an audited release), then claims and runs it.
+    router = WorkflowRouter()
+    gate = Gate(expected=1)
+    runs: list[int] = []
+
+    @router.on("rec.once", on_lost="dead")
+    async def once(ctx: HandlerContext, payload: Any) -> None:
+        runs.append(ctx.operation_id)
+        await gate.enter(ctx)
+
+    # One at a time, and no wake-up but the recording's own claim: the second operation,
+    # published while the first one runs, is claimed by the statement recording the first.
+    single = proxied_settings.model_copy(
+        update={
+            "workflow_system": proxied_settings.workflow_system.model_copy(
+                update={
+                    "n_workers": 1,
+                    "batch_size": 1,
+                    "listen": False,
+                    "poll_interval_seconds": 30.0,
+                }
+            )
+        }
+    )
+    fault = await drop_reply_once(conn, schema, "NEW.transition = 'succeed'")
+    first = await publish(sm, single, "rec.once")
+    async with WorkflowSystem(router=router, settings=single) as system:
+        await gate.wait_started()
+        # By now the claim loop has found nothing more and sleeps for the poll interval (its
+        # look for the next due run_at takes milliseconds); it is not woken by this publish.
+        await asyncio.sleep(0.5)
+        second = await publish(sm, single, "rec.once")
+        gate.go.set()
+        await wait_for_state(conn, schema, second, "succeeded")
+        await settled(system)
+        # Both successes fired the test trigger; the first one's reply was dropped.
+        assert (await fault.shots(), proxy.dropped) == (2, 1)
+        assert len(committed_before_notes(logs)) == 1  # the first one's success had committed
+        handed_back = [r.getMessage() for r in logs.records if "claim's reply" in r.getMessage()]
+        assert handed_back == ["handed back 1 operations whose claim's reply was lost"]
+
+        assert runs == [first, second]  # each handler ran once
+        worker = system.worker_id
+        assert steps(await trail(conn, schema, first))[1:] == [
+            ("claim", 1, worker),
+            ("succeed", 1, worker),
+        ]
+        second_trail = await trail(conn, schema, second)
+        assert steps(second_trail)[1:] == [
+            ("claim", 1, worker),
+            ("release", 1, worker),
+            ("claim", 2, worker),
+            ("succeed", 2, worker),
+        ]
+        assert second_trail[2]["to_state"] == "pending"
+        assert "the handler never ran" in second_trail[2]["detail"]
+        assert await rejects(conn, schema) == 0
+    await chains_verify(conn, schema)
+
+
 async def test_a_late_success_batched_with_a_success_whose_reply_is_lost_is_still_rejected(
     proxy: ReplyDropper,
     proxied_settings: Settings,
