@@ -68,7 +68,6 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     Table,
     Text,
-    UniqueConstraint,
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, JSONB, TIMESTAMP
@@ -199,8 +198,14 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("audit_detail", Text, nullable=True),
         Column("audit_prev_hash", BYTEA, nullable=True),
         PrimaryKeyConstraint("id", name="operations_pkey"),
-        UniqueConstraint("idempotency_key", name="operations_idempotency_key_key"),
         CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
+    )
+    # Unique among operations that have a key; keyless ones take no entry.
+    Index(
+        "operations_idempotency_key",
+        operations.c.idempotency_key,
+        unique=True,
+        postgresql_where=operations.c.idempotency_key.isnot(None),
     )
     # Claiming scans only claimable rows in claim order.
     Index(

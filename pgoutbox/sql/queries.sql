@@ -12,7 +12,7 @@ WITH inserted AS (
             coalesce(CAST(:run_at AS timestamptz), now()), :idempotency_key, :priority,
             :max_attempts, coalesce(:created_by, current_user),
             CAST(:trace_context AS jsonb), :ordering_key)
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id
 )
 SELECT id, pg_notify(:channel, id::text) FROM inserted;
@@ -34,7 +34,7 @@ WITH inserted AS (
          WITH ORDINALITY AS batch(operation_type, channel, payload, run_at, idempotency_key,
                                   priority, max_attempts, ordering_key, position)
     ORDER BY position
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING id, channel, idempotency_key
 ), woken AS (
     -- One wake-up per channel, carrying its first id: workers claim in batches anyway.

@@ -287,7 +287,7 @@ async def test_one_insert_statement_writes_one_creation_row_per_created_operatio
         "created_by) "
         "SELECT $1, $2, '{}', k, coalesce(CASE WHEN right(k, 1) = '0' THEN 'app:' || k END, "
         "current_user) FROM unnest($3::text[]) AS k "
-        "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id"
+        "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING RETURNING id"
     )
     first = await conn.fetch(insert, OPERATION_TYPE, CHANNEL, [f"k{i}" for i in range(30)])
     # 10 keys already taken (skipped by ON CONFLICT, no audit row), 5 new ones.

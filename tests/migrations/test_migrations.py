@@ -346,7 +346,11 @@ async def test_migrated_catalog_equals_the_catalog_schema_py_creates(
         "operations_leased",
         "operations_resting",
         "operations_ordering",
+        "operations_idempotency_key",
     }
+    # Unique among keyed operations only: a keyless one's transitions add no entry to it.
+    assert partial["operations_idempotency_key"].startswith("CREATE UNIQUE INDEX")
+    assert partial["operations_idempotency_key"].endswith("WHERE (idempotency_key IS NOT NULL)")
 
 
 async def test_migration_creates_the_audit_triggers_enabled_always(
