@@ -106,11 +106,17 @@ def attempt_span(attempt: Attempt, worker_id: str) -> AbstractContextManager[Spa
     return _attempt_span(tracer, attempt, worker_id)
 
 
+def tracing_active() -> bool:
+    """Whether attempts get spans: opentelemetry is installed and a real tracer provider is
+    set. The worker asks once per claimed batch, so a provider set after it started applies
+    from its next claim."""
+    return tracer is not None and _tracing_configured()
+
+
 def _tracing_configured() -> bool:
     """Whether an SDK (or any real) tracer provider is set. Until one is, every span would be
     the API's invalid no-op span, which carries no context to a handler either: skipping it
-    saves most of what an attempt costs the worker. Checked per attempt, since a provider can
-    be set after the worker started."""
+    saves most of what an attempt costs the worker."""
     provider = trace.get_tracer_provider()
     return not isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
 

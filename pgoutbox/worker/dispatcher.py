@@ -137,6 +137,7 @@ class Dispatcher:
         # A claiming statement lost its connection, maybe after its commit: this worker may
         # hold leases it does not know of. No claim runs until they are handed back.
         self._orphans = False
+        self._traced = False  # whether attempts get trace spans (see _queue_claimed)
         self._flushes: set[asyncio.Task[None]] = set()
         self._claim_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -331,6 +332,9 @@ class Dispatcher:
         """Hold the operations a statement claimed and queue them for the work loops."""
         if observability.metrics is not None:
             observability.metrics.observe_claim(elapsed, rows)
+        # Asked per batch: per attempt, looking for a tracer provider cost more than a no-op
+        # handler (an environment lookup and two ABC isinstance checks).
+        self._traced = observability.tracing_active()
         claimed = []
         for row in rows:
             step = row["state"]
@@ -394,7 +398,7 @@ class Dispatcher:
 
     async def _execute(self, op: Claimed) -> Outcome:
         """Run one attempt: in its trace span when tracing is on."""
-        if observability.tracer is None:
+        if not self._traced:
             return await self._run(op)
         with observability.attempt_span(op, self.worker_id) as span:
             outcome = await self._run(op)
