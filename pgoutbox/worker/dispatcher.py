@@ -40,13 +40,13 @@ from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
 
 log = logging.getLogger("pgoutbox.worker")
-
-# Batches recorded at once, each on its own connection. Two keep both cores busy: while one
-# statement's backend works, the other's result is being handled or its commit flushed. (The
-# bare protocol drained 1.3x faster at batch 10 and 1.5x at batch 100 with two; three was no
-# faster than two: see docs/benchmarks.md.)
-RECORD_LANES = 2
 handler_log = logging.getLogger("pgoutbox.handler")
+
+# Batches recorded at once, each on its own connection: while one statement's backend works,
+# the other's result is being handled or its commit flushed. The bare protocol drained 1.3x
+# faster at batch 10 and 1.4x at batch 100 with two than with one; with three, 1.1x faster
+# than two at batch 10 and 0.9x at batch 100 (benchmarks/bench_bound.py, docs/benchmarks.md).
+RECORD_LANES = 2
 
 _LAST_ERROR_CHARS = 1000
 
@@ -654,7 +654,8 @@ class Dispatcher:
                     rows = await q.fetch(conn, **_success_args(successes), **self._claim_args(want))
                     elapsed = time.perf_counter() - started
             except CONNECTION_ERRORS:
-                self._orphans = self._orphans or want > 0
+                if want:  # the claim may have committed, its reply lost
+                    self._orphans = True
                 raise
             if want:
                 self._queue_claimed([row for row in rows if not row["recorded"]], elapsed)
