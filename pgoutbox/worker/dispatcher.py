@@ -74,6 +74,7 @@ class Claimed:
     spec: HandlerSpec  # the step's
     step: str  # the state the step runs in: claimed, or a later working state
     trace_context: str | None = None  # the publisher's, as JSON (see pgoutbox.observability)
+    started: bool = False  # a work loop took it: its handler may have acted outside
     finished: bool = False  # the handler is done: the heartbeat leaves it to the recorder
 
 
@@ -177,11 +178,12 @@ class Dispatcher:
         # The same for recordings that are claiming too.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._no_claims.wait(), grace_seconds)
-        not_started = []
         while not self._queue.empty():
-            not_started.append(self._queue.get_nowait())
-        # Not started: nothing happened outside, so hand them back at once, whatever on_lost.
-        await self._release(not_started, started=False)
+            self._queue.get_nowait()
+        # Not started (queued, or taken by a work loop after stopping began): nothing happened
+        # outside, so hand them back at once, whatever on_lost.
+        unstarted = [op for op in self.in_flight.values() if not op.started]
+        await self._release(unstarted, started=False)
         if self.in_flight:
             self._idle.clear()
             self._record_wake.set()
@@ -209,8 +211,11 @@ class Dispatcher:
             for task in self._flushes:
                 task.cancel()
             await asyncio.gather(*self._flushes, return_exceptions=True)
-        # Still in flight now: handlers that were cancelled mid-run.
-        await self._release(list(self.in_flight.values()), started=True)
+        # Still in flight now: handlers that were cancelled mid-run (and anything a claim that
+        # outlasted the grace period leased, never started).
+        left = list(self.in_flight.values())
+        await self._release([op for op in left if not op.started], started=False)
+        await self._release([op for op in left if op.started], started=True)
 
     # -- claim -------------------------------------------------------------------------------
 
@@ -386,6 +391,9 @@ class Dispatcher:
     async def _work_loop(self) -> None:
         while True:
             op = await self._queue.get()
+            if not self._claiming:
+                continue  # stopping: stop() hands it back as never started
+            op.started = True
             # Checked per operation, not once: the metrics can be switched off (tests do).
             metrics = observability.metrics
             started = time.perf_counter() if metrics is not None else 0.0

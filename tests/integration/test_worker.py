@@ -586,6 +586,56 @@ async def test_stop_hands_back_claimed_operations_that_never_started_even_if_on_
     assert await triggers(conn, schema, waited) == ["publish", "claim", "release"]
 
 
+async def test_stop_during_a_recording_that_claims_hands_back_what_it_claimed_unstarted(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str
+) -> None:
+    # The statement recording the first operation's success also claims the second one; stop()
+    # comes while that statement runs (held for a second by a test trigger). stop() waits for
+    # it, so the second operation is handed back as never started -- not run during shutdown,
+    # and not sent to dead as if its handler had been interrupted (on_lost="dead").
+    started = asyncio.Event()
+    go = asyncio.Event()
+    runs: list[int] = []
+    router = WorkflowRouter()
+
+    @router.on("irreversible", on_lost="dead")
+    async def irreversible(ctx: HandlerContext, payload: Any) -> None:
+        runs.append(ctx.operation_id)
+        started.set()
+        await go.wait()
+
+    single = worker_settings(
+        settings, n_workers=1, batch_size=1, listen=False, poll_interval_seconds=30.0
+    )
+    first = await publish(sm, settings, "irreversible", 1)
+    system = WorkflowSystem(router=router, settings=single)
+    await system.start()
+    try:
+        await wait_for(started)
+        # The claim loop has found nothing more and sleeps for the poll interval by now.
+        await asyncio.sleep(0.5)
+        second = await publish(sm, settings, "irreversible", 2)
+        await conn.execute(f"""
+            CREATE FUNCTION "{schema}".slow_success() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;
+            CREATE TRIGGER a_slow_success BEFORE UPDATE ON "{schema}".operations
+                FOR EACH ROW WHEN (NEW.transition = 'succeed')
+                EXECUTE FUNCTION "{schema}".slow_success();
+        """)  # fmt: skip
+        go.set()
+        # Stop once the recording (with its claim of the second operation) is under way.
+        await asyncio.sleep(0.3)
+        assert (await operation(conn, schema, second))["state"] == "pending"  # not committed yet
+    finally:
+        await system.stop()
+
+    assert runs == [first]
+    assert (await operation(conn, schema, first))["state"] == "succeeded"
+    row = await operation(conn, schema, second)
+    assert (row["state"], row["last_error"], row["lease_owner"]) == ("pending", None, None)
+    assert await triggers(conn, schema, second) == ["publish", "claim", "release"]
+
+
 # -- recording ---------------------------------------------------------------------------------
 
 
