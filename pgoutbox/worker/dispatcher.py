@@ -500,7 +500,13 @@ class Dispatcher:
             if not self._outcomes:
                 self._lanes.release()
                 continue
-            batch, self._outcomes = self._outcomes, []
+            # At most a batch per statement: two batches finished together are recorded side
+            # by side, each claiming the batch it frees. Recorded as one, they would claim one
+            # batch and leave the other to a claim of its own, and stay merged from then on.
+            size = self._settings.batch_size
+            batch, self._outcomes = self._outcomes[:size], self._outcomes[size:]
+            if self._outcomes:
+                self._record_wake.set()
             task = asyncio.create_task(self._flush_in_lane(batch), name="pgoutbox-record-batch")
             self._flushes.add(task)
             task.add_done_callback(self._flushes.discard)
