@@ -202,8 +202,11 @@ async def test_worker_role_runs_operations_and_the_audit_names_it(
 async def test_a_role_own_functions_first_in_its_search_path_change_nothing_audited(
     roles: Roles, conn: asyncpg.Connection
 ) -> None:
-    # A worker role given a schema of its own puts a fake clock and an "=" that calls every
-    # payload equal ahead of pg_catalog. The trigger functions' fixed search_path ignores both.
+    # A worker role given a schema of its own puts a fake clock, an "=" that calls every
+    # payload equal, and its own "||", "+", "*", length, sha256, convert_to and text type ahead
+    # of pg_catalog. The trigger functions ignore them all: the audit trigger names everything by
+    # its schema, the others have a fixed search_path. Had any of them been used, the hash
+    # would not verify (or the cast to the one-character text would fail the UPDATE).
     s = f'"{roles.base.schema_name}"'
     own = f"own_{roles.worker}"
     await conn.execute(f'CREATE SCHEMA "{own}" AUTHORIZATION "{roles.worker}"')
@@ -217,11 +220,29 @@ async def test_a_role_own_functions_first_in_its_search_path_change_nothing_audi
                 AS $$ SELECT true $$;
             CREATE OPERATOR "{own}".= (
                 leftarg = jsonb, rightarg = jsonb, function = "{own}".always);
+            CREATE FUNCTION "{own}".glue(text, text) RETURNS text LANGUAGE sql
+                AS $$ SELECT 'glued' $$;
+            CREATE OPERATOR "{own}".|| (leftarg = text, rightarg = text, function = "{own}".glue);
+            CREATE FUNCTION "{own}".length(text) RETURNS integer LANGUAGE sql AS $$ SELECT 0 $$;
+            CREATE FUNCTION "{own}".sha256(bytea) RETURNS bytea LANGUAGE sql
+                AS $$ SELECT ''::bytea $$;
+            CREATE FUNCTION "{own}".convert_to(text, name) RETURNS bytea LANGUAGE sql
+                AS $$ SELECT ''::bytea $$;
+            CREATE FUNCTION "{own}".times(numeric, numeric) RETURNS numeric LANGUAGE sql
+                AS $$ SELECT 0::numeric $$;
+            CREATE OPERATOR "{own}".* (leftarg = numeric, rightarg = numeric,
+                                      function = "{own}".times);
+            CREATE FUNCTION "{own}".plus(integer, integer) RETURNS integer LANGUAGE sql
+                AS $$ SELECT 0 $$;
+            CREATE OPERATOR "{own}".+ (leftarg = integer, rightarg = integer,
+                                      function = "{own}".plus);
+            CREATE DOMAIN "{own}".text AS varchar(1);
             SET search_path = "{own}", pg_catalog;
         """)  # fmt: skip
         assert await worker.fetchval("SELECT clock_timestamp()") < await conn.fetchval(
             "SELECT now() - interval '1 year'"
         )  # the fake clock is what an unqualified call gets in this session
+        assert await worker.fetchval("SELECT length('abc') + length('a' || 'b')") == 0
         await worker.execute(
             f"UPDATE {s}.operations SET state = 'cancelled', transition = 'cancel' WHERE id = $1",
             op_id,
