@@ -245,9 +245,9 @@ class Metrics:
         """An attempt of ``operation_type`` ran for ``seconds``."""
         self._child(self.attempt_duration, operation_type).observe(seconds)
 
-    def count_attempt(self, operation_type: str, outcome: AttemptOutcome) -> None:
-        """An attempt's outcome was committed."""
-        self._child(self.attempts, operation_type, outcome).inc()
+    def count_attempt(self, operation_type: str, outcome: AttemptOutcome, n: int = 1) -> None:
+        """``n`` attempts' outcomes were committed."""
+        self._child(self.attempts, operation_type, outcome).inc(n)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, looked up once: ``labels()`` validates and locks on

@@ -19,6 +19,7 @@ its lease expired.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -637,18 +638,21 @@ class Dispatcher:
             for o in failures:
                 o.refused = late.get(o.op.id)
         # Counted once committed: a batch retried after a dropped connection counts once.
+        # One increment per type and outcome, not per attempt.
         if observability.metrics is not None:
+            counts: collections.Counter[tuple[str, observability.AttemptOutcome]] = (
+                collections.Counter()
+            )
             for o in batch:
-                op = o.op
                 if o.refused:
-                    observability.metrics.count_attempt(op.operation_type, "rejected")
+                    outcome: observability.AttemptOutcome = "rejected"
                 elif o.error is None:  # a success, recorded above or in its own transaction
-                    observability.metrics.count_attempt(op.operation_type, "succeeded")
+                    outcome = "succeeded"
                 else:
-                    dead = failed_into[op.id] == "dead"
-                    observability.metrics.count_attempt(
-                        op.operation_type, "dead" if dead else "failed"
-                    )
+                    outcome = "dead" if failed_into[o.op.id] == "dead" else "failed"
+                counts[o.op.operation_type, outcome] += 1
+            for (operation_type, outcome), n in counts.items():
+                observability.metrics.count_attempt(operation_type, outcome, n)
 
     async def _record_and_claim(self, successes: list[Outcome]) -> set[int]:
         """Record these successes and claim as many as there is room for (up to a batch) in
