@@ -271,7 +271,7 @@ class Dispatcher:
                 if len(rows) < limit:
                     q = self._q["operations_record_and_claim"]
                     rows += await q.fetch(
-                        conn, **_success_args([]), **self._claim_args(limit - len(rows))
+                        conn, **NOTHING_RECORDED, **self._claim_args(limit - len(rows))
                     )
                 elapsed = time.perf_counter() - started
             return self._queue_claimed(rows, elapsed)
@@ -814,6 +814,10 @@ def _success_args(outcomes: list[Outcome]) -> dict[str, Any]:
         ],
         "wait_seconds": [t.seconds if t is not None else None for t in timeouts],
     }
+
+
+# The recording parameters of ``operations_record_and_claim`` when it only claims.
+NOTHING_RECORDED: Mapping[str, list[Any]] = _success_args([])
 
 
 def _storable(text: str) -> str:

@@ -10,16 +10,6 @@ import asyncpg
 
 from pgoutbox import DatabaseSessionManager, Settings, publish_operation
 
-# The recording arguments of operations_record_and_claim when it only claims.
-NOTHING_RECORDED: dict[str, list[Any]] = {
-    "ids": [],
-    "versions": [],
-    "to_states": [],
-    "triggers": [],
-    "new_steps": [],
-    "wait_seconds": [],
-}
-
 
 def worker_settings(settings: Settings, **changes: Any) -> Settings:
     """``settings`` with some workflow_system fields changed."""

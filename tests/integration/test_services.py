@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from opkit import NOTHING_RECORDED, audit, operation, publish, wait_for_state, worker_settings
+from opkit import audit, operation, publish, wait_for_state, worker_settings
 
 from pgoutbox import (
     DatabaseSessionManager,
@@ -22,6 +22,7 @@ from pgoutbox import (
 )
 from pgoutbox.db import create_pool
 from pgoutbox.sql import Query, queries
+from pgoutbox.worker.dispatcher import NOTHING_RECORDED
 from pgoutbox.worker.services import Heartbeat, Listener, ListenerResult, Rescuer, RescueResult
 
 CRASHED = "crashed-worker"
@@ -60,19 +61,14 @@ async def claim(
 ) -> list[asyncpg.Record]:
     """Claim with the worker's own statement as a worker that then crashes: its lease is
     already over."""
-    claim_batch = q["operations_record_and_claim"]
-    return list(
-        await conn.fetch(
-            claim_batch.asyncpg_sql,
-            *claim_batch.args(
-                channel=settings.workflow_system.channel,
-                operation_types=types,
-                **default_lifecycle_only(types),
-                batch_size=100,
-                worker_id=CRASHED,
-                lease_seconds=-1,
-            ),
-        )
+    return await q["operations_record_and_claim"].fetch(
+        conn,
+        channel=settings.workflow_system.channel,
+        operation_types=types,
+        **default_lifecycle_only(types),
+        batch_size=100,
+        worker_id=CRASHED,
+        lease_seconds=-1,
     )
 
 
@@ -238,17 +234,14 @@ async def test_the_rescuer_leaves_live_leases_other_channels_and_unhandled_types
     schema: str,
 ) -> None:
     live = await publish(sm, settings, "job.retry")
-    claim_batch = q["operations_record_and_claim"]
-    await conn.fetch(
-        claim_batch.asyncpg_sql,
-        *claim_batch.args(
-            channel=settings.workflow_system.channel,
-            operation_types=["job.retry"],
-            **default_lifecycle_only(["job.retry"]),
-            batch_size=1,
-            worker_id="alive-worker",
-            lease_seconds=300,
-        ),
+    await q["operations_record_and_claim"].fetch(
+        conn,
+        channel=settings.workflow_system.channel,
+        operation_types=["job.retry"],
+        **default_lifecycle_only(["job.retry"]),
+        batch_size=1,
+        worker_id="alive-worker",
+        lease_seconds=300,
     )
     unhandled = await publish(sm, settings, "job.unknown")
     await claim(conn, q, settings, ["job.unknown"])

@@ -36,7 +36,6 @@ import pytest
 from hypothesis import HealthCheck, event, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from opkit import NOTHING_RECORDED
 
 from pgoutbox import migrations
 from pgoutbox.audit import verify_chains
@@ -44,6 +43,7 @@ from pgoutbox.lifecycle import DEFAULT_LIFECYCLE
 from pgoutbox.roles import grant_roles
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
+from pgoutbox.worker.dispatcher import NOTHING_RECORDED
 
 OPERATION_TYPE = "stmt.op"
 CHANNEL = "stmt"
