@@ -266,12 +266,15 @@ async def _true(value: bool) -> bool:
     return value
 
 
-def retry_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [
+def the_retry_warning(caplog: pytest.LogCaptureFixture) -> str:
+    """The one warning the worker logged about a failed recording (exactly one is expected)."""
+    warnings = [
         r.getMessage()
         for r in caplog.records
         if r.name == "pgoutbox.worker" and "outcomes failed" in r.getMessage()
     ]
+    assert len(warnings) == 1, warnings
+    return warnings[0]
 
 
 def committed_before_notes(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -337,6 +340,16 @@ class Gate:
         if len(self.started) >= self.expected:
             self.all_started.set()
         await self.go.wait()
+
+    def router(self, operation_type: str) -> WorkflowRouter:
+        """A router whose handler for ``operation_type`` enters this gate and succeeds."""
+        router = WorkflowRouter()
+
+        @router.on(operation_type)
+        async def gated(ctx: HandlerContext, payload: Any) -> None:
+            await self.enter(ctx)
+
+        return router
 
     async def wait_started(self) -> None:
         await asyncio.wait_for(self.all_started.wait(), WITHIN)
@@ -430,10 +443,9 @@ async def test_a_success_whose_statement_is_killed_is_recorded_once_on_retry(
         # The first firing was killed, the retry's went through.
         assert await fault.shots() == 2
         await assert_backend_replaced(conn, await fault.killed_pid(), worker_settings)
-        warnings = retry_warnings(logs)
-        assert len(warnings) == 1, warnings
-        assert warnings[0].startswith("recording 1 outcomes failed (")
-        assert KILLED_BY_SERVER in warnings[0]
+        warning = the_retry_warning(logs)
+        assert warning.startswith("recording 1 outcomes failed (")
+        assert KILLED_BY_SERVER in warning
         assert committed_before_notes(logs) == []  # the retry had to record it again
 
         assert runs == [op_id]  # recorded again, not run again
@@ -454,12 +466,8 @@ async def test_a_late_success_whose_refusal_is_killed_is_rejected_once_on_retry(
     schema: str,
     logs: pytest.LogCaptureFixture,
 ) -> None:
-    router = WorkflowRouter()
     gate = Gate(expected=1)
-
-    @router.on("rec.slow")
-    async def slow(ctx: HandlerContext, payload: Any) -> None:
-        await gate.enter(ctx)
+    router = gate.router("rec.slow")
 
     fault = await kill_once(conn, schema, "NEW.transition = 'reject'")
     async with WorkflowSystem(router=router, settings=worker_settings) as system:
@@ -473,9 +481,8 @@ async def test_a_late_success_whose_refusal_is_killed_is_rejected_once_on_retry(
         await settled(system)
         assert await fault.shots() == 2
         await assert_backend_replaced(conn, await fault.killed_pid(), worker_settings)
-        warnings = retry_warnings(logs)
-        assert len(warnings) == 1, warnings
-        assert KILLED_BY_SERVER in warnings[0]
+        warning = the_retry_warning(logs)
+        assert KILLED_BY_SERVER in warning
 
         row = await state_of(conn, schema, op_id)
         # The late result changed nothing: state, version and error are what the test left.
@@ -507,12 +514,8 @@ async def test_a_batch_with_a_late_success_records_the_on_time_one_once_when_the
     # The first statement commits the on-time success and marks it; the refusal statement is
     # killed; the retry must write the refusal alone: neither a second 'succeed' nor a 'reject'
     # for the on-time operation.
-    router = WorkflowRouter()
     gate = Gate(expected=2)
-
-    @router.on("rec.slow")
-    async def slow(ctx: HandlerContext, payload: Any) -> None:
-        await gate.enter(ctx)
+    router = gate.router("rec.slow")
 
     fault = await kill_once(conn, schema, "NEW.transition = 'reject'")
     on_time = await publish(sm, worker_settings, "rec.slow")
@@ -525,10 +528,9 @@ async def test_a_batch_with_a_late_success_records_the_on_time_one_once_when_the
         await settled(system)
         assert await fault.shots() == 2
         await assert_backend_replaced(conn, await fault.killed_pid(), worker_settings)
-        warnings = retry_warnings(logs)
-        assert len(warnings) == 1, warnings
-        assert warnings[0].startswith("recording 2 outcomes failed (")
-        assert KILLED_BY_SERVER in warnings[0]
+        warning = the_retry_warning(logs)
+        assert warning.startswith("recording 2 outcomes failed (")
+        assert KILLED_BY_SERVER in warning
         assert committed_before_notes(logs) == []
 
         on_time_trail = await trail(conn, schema, on_time)
@@ -605,11 +607,10 @@ async def test_a_mixed_batch_killed_inside_its_transaction_is_recorded_once_on_r
         await settled(system)
         assert await fault.shots() == 2
         await assert_backend_replaced(conn, await fault.killed_pid(), worker_settings)
-        warnings = retry_warnings(logs)
-        assert len(warnings) == 1, warnings
-        assert warnings[0].startswith("recording 2 outcomes failed (")
+        warning = the_retry_warning(logs)
+        assert warning.startswith("recording 2 outcomes failed (")
         # asyncpg reports the dead connection as its transaction's exit finds it.
-        assert "the underlying connection is closed" in warnings[0]
+        assert "the underlying connection is closed" in warning
         assert committed_before_notes(logs) == []
 
         assert sorted(runs) == [("rec.bad", 1), ("rec.ok", 1)]  # recorded again, not rerun
@@ -657,9 +658,8 @@ async def test_a_success_committed_with_its_reply_lost_is_not_recorded_twice(
         await settled(system)
         assert (await fault.shots(), proxy.dropped) == (1, 1)
         await assert_backend_replaced(conn, await fault.killed_pid(), proxied_settings)
-        warnings = retry_warnings(logs)
-        assert len(warnings) == 1, warnings
-        assert warnings[0].startswith("recording 1 outcomes failed (")
+        warning = the_retry_warning(logs)
+        assert warning.startswith("recording 1 outcomes failed (")
         # The retry found the committed outcome in the audit log and left it at that.
         assert len(committed_before_notes(logs)) == 1
         assert steps(await trail(conn, schema, op_id))[1:] == [
@@ -753,12 +753,8 @@ async def test_a_late_success_batched_with_a_success_whose_reply_is_lost_is_stil
     # A batch of successes, one of them late. The first statement records the on-time one and
     # commits, but its reply is lost: the refusal statement never ran. The retry finds the
     # on-time outcome in the audit log, marks the late one refused and records the refusal.
-    router = WorkflowRouter()
     gate = Gate(expected=2)
-
-    @router.on("rec.ok")
-    async def ok(ctx: HandlerContext, payload: Any) -> None:
-        await gate.enter(ctx)
+    router = gate.router("rec.ok")
 
     fault = await drop_reply_once(conn, schema, "NEW.transition = 'succeed'")
     on_time = await publish(sm, proxied_settings, "rec.ok")
@@ -770,9 +766,8 @@ async def test_a_late_success_batched_with_a_success_whose_reply_is_lost_is_stil
         await settled(system)  # the batch is done with: nothing more will be written for it
         assert (await fault.shots(), proxy.dropped) == (1, 1)
         await assert_backend_replaced(conn, await fault.killed_pid(), proxied_settings)
-        warnings = retry_warnings(logs)
-        assert len(warnings) == 1, warnings
-        assert warnings[0].startswith("recording 2 outcomes failed (")
+        warning = the_retry_warning(logs)
+        assert warning.startswith("recording 2 outcomes failed (")
         assert len(committed_before_notes(logs)) == 1
         assert steps(await trail(conn, schema, on_time))[1:] == [
             ("claim", 1, system.worker_id),
