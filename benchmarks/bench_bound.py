@@ -25,6 +25,7 @@ import asyncpg
 from _common import bench_database, median
 from bench_drain import OPERATION_TYPE, publish
 
+from pgoutbox.db import hot_path_connect_kwargs
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
 
@@ -69,7 +70,7 @@ async def sequential_drain(conn: asyncpg.Connection, schema: str, channel: str, 
 
 async def sequential(db: DatabaseSettings, channel: str, batch: int) -> tuple[float, int]:
     """Claim a batch, record it, repeat until nothing is due: (seconds, operations)."""
-    conn = await asyncpg.connect(**db.connect_kwargs())
+    conn = await asyncpg.connect(**hot_path_connect_kwargs(db))
     try:
         start = time.perf_counter()
         recorded = await sequential_drain(conn, db.schema_name, channel, batch)
@@ -80,7 +81,7 @@ async def sequential(db: DatabaseSettings, channel: str, batch: int) -> tuple[fl
 
 async def two_lane(db: DatabaseSettings, channel: str, batch: int) -> tuple[float, int]:
     """Two connections, each recording its last batch and claiming its next, side by side."""
-    conns = [await asyncpg.connect(**db.connect_kwargs()) for _ in range(2)]
+    conns = [await asyncpg.connect(**hot_path_connect_kwargs(db)) for _ in range(2)]
     try:
         start = time.perf_counter()
         done = await asyncio.gather(

@@ -23,6 +23,8 @@ from _common import bench_database, median
 from bench_bound import sequential_drain
 from bench_drain import publish
 
+from pgoutbox.db import hot_path_connect_kwargs
+
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -41,7 +43,7 @@ async def main() -> None:
     args = parser.parse_args()
     async with bench_database() as db:
         schema = db.schema_name
-        conn = await asyncpg.connect(**db.connect_kwargs())
+        conn = await asyncpg.connect(**hot_path_connect_kwargs(db))
         try:
             for audited in (True, False):
                 if not audited:

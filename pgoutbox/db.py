@@ -20,6 +20,14 @@ from pgoutbox.settings import DatabaseSettings
 # configured payload limit without a settings argument.
 SESSION_SETTINGS_KEY = "pgoutbox.settings"
 
+# The worker's own connections plan each statement once, not on every run. Its statements run
+# thousands of times a second with other parameter values; PostgreSQL's default would replan the
+# claim every time (a LIMIT given as a parameter makes its generic plan look costlier than a
+# custom one), which took about a third of the server's time at batch 10. Every statement on
+# this pool is written so that its generic plan finds rows by index whatever the parameters and
+# statistics (tests/integration/test_generic_plans.py).
+HOT_PATH_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
+
 
 def session_settings(session: AsyncSession) -> DatabaseSettings | None:
     """The settings of a session a DatabaseSessionManager handed out; None for another one."""
@@ -62,9 +70,17 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size or settings.pool_size,
         reset=_keep_session,
-        **settings.connect_kwargs(),
+        **hot_path_connect_kwargs(settings),
     )
     return pool
+
+
+def hot_path_connect_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+    """``settings.connect_kwargs()`` for a connection of the worker's hot path: with
+    HOT_PATH_SETTINGS."""
+    kwargs = settings.connect_kwargs()
+    kwargs["server_settings"] = {**kwargs["server_settings"], **HOT_PATH_SETTINGS}
+    return kwargs
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

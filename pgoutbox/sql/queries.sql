@@ -1,6 +1,17 @@
 -- Every statement pgoutbox runs at run time. One block per query: a `-- name:` line, then a
 -- one-line description. {s} is the quoted schema; :name is a parameter (pgoutbox.sql turns it
 -- into $n for asyncpg). Casts are written CAST(x AS t): `:x::t` is not a bind to SQLAlchemy.
+--
+-- The worker plans its statements once per connection (a generic plan: pgoutbox.db's
+-- HOT_PATH_SETTINGS), which knows neither a LIMIT nor how many ids an array holds. So rows are
+-- found the way that is right for any of them (tests/integration/test_generic_plans.py):
+-- - rows a CTE picked are updated through `o.id = ANY (ARRAY(SELECT id FROM cte))`, an index
+--   lookup per id; a join with the CTE is planned for a tenth of the table (the generic
+--   estimate of a LIMIT) and hashed the whole table;
+-- - a lease is fenced with `o.lease_owner IS NOT DISTINCT FROM :worker_id` (the worker id is
+--   never NULL, so this is `=`): with `=` the planner walks every lease of the worker, which
+--   statistics say are few, and compares each with every id given, instead of looking the ids
+--   up by primary key.
 
 -- name: operations_publish
 -- Insert one operation (its audit row is written by trigger) and wake the channel's workers.
@@ -99,8 +110,7 @@ WITH recorded AS (
         version = o.version + 1,
         lease_owner = :worker_id,
         lease_expires_at = now() + make_interval(secs => :lease_seconds)
-    FROM due
-    WHERE o.id = due.id
+    WHERE o.id = ANY (ARRAY(SELECT id FROM due))
     RETURNING o.id, o.operation_type, o.state, o.payload, o.attempts, o.step_attempts,
               o.max_attempts, o.version, o.idempotency_key, o.priority, o.run_at,
               o.trace_context,
@@ -144,8 +154,7 @@ WITH due AS MATERIALIZED (
         version = o.version + 1,
         lease_owner = :worker_id,
         lease_expires_at = now() + make_interval(secs => :lease_seconds)
-    FROM due
-    WHERE o.id = due.id
+    WHERE o.id = ANY (ARRAY(SELECT id FROM due))
     RETURNING o.id, o.operation_type, o.state, o.payload, o.attempts, o.step_attempts,
               o.max_attempts, o.version, o.idempotency_key, o.priority, o.run_at,
               o.trace_context,
@@ -173,7 +182,7 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:to_states
             CAST(:triggers AS text[]), CAST(:new_steps AS boolean[]),
             CAST(:wait_seconds AS float8[]))
      AS done(id, version, to_state, trigger, new_step, wait_seconds)
-WHERE o.id = done.id AND o.version = done.version AND o.lease_owner = :worker_id
+WHERE o.id = done.id AND o.version = done.version AND o.lease_owner IS NOT DISTINCT FROM :worker_id
 RETURNING o.id;
 
 -- name: operations_record_failure
@@ -206,7 +215,7 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:errors AS
             CAST(:give_up_new_steps AS boolean[]))
      AS f(id, version, error, detail, give_up, max_attempts, backoff_base, backoff_max, jitter,
           retry_state, give_up_state, give_up_new_step)
-WHERE o.id = f.id AND o.version = f.version AND o.lease_owner = :worker_id
+WHERE o.id = f.id AND o.version = f.version AND o.lease_owner IS NOT DISTINCT FROM :worker_id
 RETURNING o.id, o.state;
 
 -- name: operations_record_rejected
@@ -235,7 +244,7 @@ WITH held AS MATERIALIZED (
     FROM {s}.operations o
     JOIN unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[])) AS given(id, version)
       ON o.id = given.id AND o.version = given.version
-    WHERE o.lease_owner = :worker_id
+    WHERE o.lease_owner IS NOT DISTINCT FROM :worker_id
     FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE {s}.operations o
@@ -322,7 +331,7 @@ SET state = r.to_state,
 FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:on_lost_dead AS boolean[]),
             CAST(:to_states AS text[]))
      AS r(id, version, on_lost_dead, to_state)
-WHERE o.id = r.id AND o.version = r.version AND o.lease_owner = :worker_id
+WHERE o.id = r.id AND o.version = r.version AND o.lease_owner IS NOT DISTINCT FROM :worker_id
 RETURNING o.id;
 
 -- name: operations_leased_to
