@@ -14,10 +14,12 @@ it after one attribute check. Usage and the full list of names: docs/observabili
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
@@ -43,6 +45,8 @@ else:
 
 try:
     import prometheus_client
+    from prometheus_client.metrics_core import HistogramMetricFamily
+    from prometheus_client.utils import floatToGoString
 except ImportError:  # pragma: no cover - exercised where the prometheus extra is not installed
     _prometheus_installed = False
 else:
@@ -184,6 +188,78 @@ CLAIM_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.
 QUEUE_AGE_BUCKETS: Final = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 21600, 86400)
 
 
+class Histogram:
+    """A Prometheus histogram with labels, observed cheaply on the worker's hot path.
+
+    ``prometheus_client.Histogram`` takes two locks and searches its buckets one by one for
+    every observation; with two observations per operation that was most of what metrics cost
+    a worker (about a fifth of its CPU time per no-op operation). Here an observation is a
+    binary search and two additions under one lock, and :meth:`observe_many` takes a claimed
+    batch under one lock. Exported through ``collect()`` (a custom collector), under the same
+    name, labels and buckets as prometheus_client's own, without its ``_created`` series.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None,
+    ) -> None:
+        self._name, self._documentation = name, documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._les = [*map(floatToGoString, self._bounds), "+Inf"]
+        self._lock = threading.Lock()
+        # per label values: [count per bucket (the last one: above every bound)..., sum]
+        self._series: dict[tuple[str, ...], list[float]] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def observe(self, value: float, *labels: str) -> None:
+        """One observation of the series with these label values."""
+        with self._lock:
+            series = self._series.get(labels) or self._new(labels)
+            series[bisect.bisect_left(self._bounds, value)] += 1
+            series[-1] += value
+
+    def observe_many(self, values: Iterable[float], *labels: str) -> None:
+        """Several observations of one series, under one lock."""
+        bounds = self._bounds
+        with self._lock:
+            series = self._series.get(labels) or self._new(labels)
+            for value in values:
+                series[bisect.bisect_left(bounds, value)] += 1
+                series[-1] += value
+
+    def _new(self, labels: tuple[str, ...]) -> list[float]:
+        if len(labels) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {labels}")
+        series = self._series[labels] = [0.0] * (len(self._bounds) + 2)
+        return series
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        """The metric without samples (for the registry's duplicate-name check)."""
+        return [self._family()]
+
+    def collect(self) -> list[HistogramMetricFamily]:
+        """The metric with a sample per bucket, count and sum of every series."""
+        family = self._family()
+        with self._lock:
+            snapshot = [(labels, list(series)) for labels, series in self._series.items()]
+        for labels, series in snapshot:
+            cumulative, running = [], 0.0
+            for le, count in zip(self._les, series[:-1], strict=True):
+                running += count
+                cumulative.append((le, running))
+            family.add_metric(list(labels), cumulative, series[-1])
+        return [family]
+
+    def _family(self) -> HistogramMetricFamily:
+        return HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+
 class Metrics:
     """pgoutbox's Prometheus metrics (one instance, :data:`metrics`, on the default registry)."""
 
@@ -197,25 +273,26 @@ class Metrics:
             ["operation_type", "outcome"],
             registry=registry,
         )
-        self.attempt_duration = pc.Histogram(
+        self.attempt_duration = Histogram(
             "pgoutbox_attempt_duration_seconds",
             "How long attempts ran (the handler, and the commit of a transactional one).",
             ["operation_type"],
-            buckets=ATTEMPT_BUCKETS,
-            registry=registry,
+            ATTEMPT_BUCKETS,
+            registry,
         )
-        self.claim_latency = pc.Histogram(
+        self.claim_latency = Histogram(
             "pgoutbox_claim_latency_seconds",
             "How long one claim statement took (locking, leasing and returning a batch).",
-            buckets=CLAIM_BUCKETS,
-            registry=registry,
+            [],
+            CLAIM_BUCKETS,
+            registry,
         )
-        self.queue_age = pc.Histogram(
+        self.queue_age = Histogram(
             "pgoutbox_queue_age_seconds",
             "How long an operation had been due when it was claimed (database time).",
             ["operation_type"],
-            buckets=QUEUE_AGE_BUCKETS,
-            registry=registry,
+            QUEUE_AGE_BUCKETS,
+            registry,
         )
         self.operations = pc.Gauge(
             "pgoutbox_operations",
@@ -238,12 +315,15 @@ class Metrics:
     def observe_claim(self, seconds: float, claimed: Iterable[Mapping[str, Any]]) -> None:
         """One claim statement took ``seconds``; ``claimed`` are its rows."""
         self.claim_latency.observe(seconds)
+        ages: dict[str, list[float]] = {}
         for row in claimed:
-            self._child(self.queue_age, row["operation_type"]).observe(row["queue_age_seconds"])
+            ages.setdefault(row["operation_type"], []).append(row["queue_age_seconds"])
+        for operation_type, values in ages.items():
+            self.queue_age.observe_many(values, operation_type)
 
     def observe_attempt(self, operation_type: str, seconds: float) -> None:
         """An attempt of ``operation_type`` ran for ``seconds``."""
-        self._child(self.attempt_duration, operation_type).observe(seconds)
+        self.attempt_duration.observe(seconds, operation_type)
 
     def count_attempt(self, operation_type: str, outcome: AttemptOutcome, n: int = 1) -> None:
         """``n`` attempts' outcomes were committed."""

@@ -117,13 +117,18 @@ WITH recorded AS (
               -- run_at is not changed by the claim: this is the wait since the op became due.
               CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
 )
-SELECT false AS recorded, id, operation_type, state, payload, attempts, step_attempts,
-       max_attempts, version, idempotency_key, trace_context, queue_age_seconds, priority, run_at
-FROM claimed
-UNION ALL
-SELECT true, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
-FROM recorded
--- RETURNING has no defined order: sort explicitly.
+SELECT recorded, id, operation_type, state, payload, attempts, step_attempts, max_attempts,
+       version, idempotency_key, trace_context, queue_age_seconds
+FROM (
+    SELECT false AS recorded, id, operation_type, state, payload, attempts, step_attempts,
+           max_attempts, version, idempotency_key, trace_context, queue_age_seconds, priority,
+           run_at
+    FROM claimed
+    UNION ALL
+    SELECT true, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+    FROM recorded
+) AS result
+-- RETURNING has no defined order: sort explicitly (by columns the worker need not be sent).
 ORDER BY recorded, priority DESC, run_at, id;
 
 -- name: operations_claim_steps
