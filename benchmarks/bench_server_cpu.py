@@ -5,7 +5,9 @@
 Wall-clock drains on a shared 2-core machine vary by 15-30 % from run to run; the CPU time the
 PostgreSQL backend spends on the same work varies far less. This drives the bare protocol (the
 bound's sequential variant: ``operations_record_and_claim`` recording one batch and claiming
-the next, on one connection) and reads that backend's user + system CPU time from
+the next, on one connection set up as the worker's pool sets up its own) over tables whose
+statistics were just gathered (VACUUM ANALYZE, as before every timed drain and as autovacuum
+does), and reads that backend's user + system CPU time from
 ``/proc/<pid>/stat`` (Linux, a server on the same machine). It runs twice per batch size: as
 shipped, and with the user triggers of ``operations`` disabled -- no audit row, no hash chain,
 no lifecycle check -- which is what the audit costs per operation. The second case needs a
@@ -53,6 +55,7 @@ async def main() -> None:
                     for round_ in range(args.rounds):
                         channel = f"cpu_{int(audited)}_{batch}_{round_}"
                         await publish(db, args.n, channel)
+                        await conn.execute("VACUUM ANALYZE")
                         await conn.execute("CHECKPOINT")
                         before = _cpu_seconds(conn.get_server_pid())
                         recorded = await sequential_drain(conn, schema, channel, batch)
