@@ -193,7 +193,8 @@ class Histogram:
 
     ``prometheus_client.Histogram`` takes two locks and searches its buckets one by one for
     every observation; with two observations per operation that was most of what metrics cost
-    a worker (about a fifth of its CPU time per no-op operation). Here an observation is a
+    a worker (switching metrics off saved it 5-15 us of its 35-42 us of CPU per no-op
+    operation on the benchmark machine). Here an observation is a
     binary search and two additions under one lock, and :meth:`observe_many` takes a claimed
     batch under one lock. Exported through ``collect()`` (a custom collector), under the same
     name, labels and buckets as prometheus_client's own, without its ``_created`` series.
