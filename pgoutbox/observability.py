@@ -220,6 +220,8 @@ class Histogram:
 
     def observe(self, value: float, *labels: str) -> None:
         """One observation of the series with these label values."""
+        # observe_many((value,), ...) would do, but it is called per attempt: the extra call
+        # and tuple cost 0.4 us, a third of the observation.
         with self._lock:
             series = self._series.get(labels) or self._new(labels)
             series[bisect.bisect_left(self._bounds, value)] += 1

@@ -25,7 +25,6 @@ from pgoutbox import migrations
 from pgoutbox.db import HOT_PATH_SETTINGS, create_pool
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
-from pgoutbox.worker.dispatcher import NOTHING_RECORDED
 
 WORKER = "plan-test-worker"
 TOTAL = 10_000  # operations in the table: enough for a whole-table scan to cost what it would
@@ -59,15 +58,12 @@ async def claim_and_record(conn: asyncpg.Connection, schema: str, claim: int, re
     n = len(record)
     rows = await queries(schema)["operations_record_and_claim"].fetch(
         conn,
-        **{
-            **NOTHING_RECORDED,
-            "ids": [r["id"] for r in record],
-            "versions": [r["version"] for r in record],
-            "to_states": ["succeeded"] * n,
-            "triggers": ["succeed"] * n,
-            "new_steps": [False] * n,
-            "wait_seconds": [None] * n,
-        },
+        ids=[r["id"] for r in record],
+        versions=[r["version"] for r in record],
+        to_states=["succeeded"] * n,
+        triggers=["succeed"] * n,
+        new_steps=[False] * n,
+        wait_seconds=[None] * n,
         channel="c",
         operation_types=["plan.test"],
         lifecycles=["default"],
