@@ -16,11 +16,13 @@ Two injections, both on the server:
   not transactional, so the sequence counts every firing -- the killed one included -- and a
   second one keeps the killed backend's pid.
 
-- **Reply lost after commit.** The worker connects through a small TCP proxy. A trigger raises a
-  marker NOTICE the first time it fires; from that message on the proxy forwards nothing of
-  that connection, reads on until the server's ReadyForQuery (the statement's implicit
-  transaction has committed) and then closes it. The worker sees the connection drop although
-  its statement committed: the case ``Dispatcher._recorded_before`` is there for.
+- **Reply lost after commit.** The worker connects through a small TCP proxy, which reaches
+  the server over TCP or, when the settings name a socket directory (as the embedded server's
+  do), over its Unix socket. A trigger raises a marker NOTICE the first time it fires; from
+  that message on the proxy forwards nothing of that connection, reads on until the server's
+  ReadyForQuery (the statement's implicit transaction has committed) and then closes it. The
+  worker sees the connection drop although its statement committed: the case
+  ``Dispatcher._recorded_before`` is there for.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ async def drop_reply_once(conn: asyncpg.Connection, schema: str, when: str) -> F
 @dataclass
 class ReplyDropper:
     """A TCP proxy to PostgreSQL that cuts a connection once the server sends DROP_MARKER,
-    after letting the server finish (and commit) what it was doing."""
+    after letting the server finish (and commit) what it was doing.
+
+    ``host`` is the server's, as libpq takes it: a name or address, or a directory (starting
+    with ``/``) holding the server's Unix socket ``.s.PGSQL.<port>``."""
 
     host: str
     port: int
@@ -143,7 +148,7 @@ class ReplyDropper:
             await self._server.wait_closed()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection(self.host, self.port)
+        server_r, server_w = await self._connect_upstream()
         self._writers += [client_w, server_w]
         pipes = [
             asyncio.create_task(self._upstream(client_r, server_w)),
@@ -157,6 +162,11 @@ class ReplyDropper:
             await asyncio.gather(*pipes, return_exceptions=True)
             for writer in (client_w, server_w):
                 writer.close()
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.host.startswith("/"):
+            return await asyncio.open_unix_connection(f"{self.host}/.s.PGSQL.{self.port}")
+        return await asyncio.open_connection(self.host, self.port)
 
     @staticmethod
     async def _upstream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
