@@ -28,11 +28,11 @@ SCHEMA, CHANNEL = "fault_restart", "fault_restart"
 
 @pytest.fixture(scope="module")
 def own_server() -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of this test's own (the machine's server binaries), restartable."""
+    """A PostgreSQL of this test's own (the embedded server, else the machine's binaries)."""
     try:
-        server = start_embedded(backend="binaries")
+        server = start_embedded()
     except EmbeddedUnavailableError as exc:
-        pytest.skip(f"no PostgreSQL server binaries to run a private server: {exc}")
+        pytest.skip(f"no PostgreSQL to run a private, restartable server: {exc}")
     with server:
         yield server
 
