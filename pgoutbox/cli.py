@@ -1,7 +1,7 @@
 """The ``pgoutbox`` command line.
 
 Settings come from the same ``PGOUTBOX_*`` environment variables as :class:`pgoutbox.Settings`;
-``--dsn`` and ``--schema`` override them.
+``--dsn`` and ``--schema``, before or after the command's name, override them.
 """
 
 from __future__ import annotations
@@ -72,11 +72,13 @@ class _Context:
             raise click.UsageError(f"invalid settings: {exc}") from None
 
 
+_DSN_HELP = "postgresql:// URL to connect to (default: PGOUTBOX_DATABASE__DSN)."
+_SCHEMA_HELP = "pgoutbox's schema (default: PGOUTBOX_DATABASE__SCHEMA or pgoutbox)."
+
+
 @click.group()
-@click.option("--dsn", envvar="PGOUTBOX_DATABASE__DSN", help="postgresql:// URL to connect to.")
-@click.option(
-    "--schema", help="pgoutbox's schema (default: PGOUTBOX_DATABASE__SCHEMA or pgoutbox)."
-)
+@click.option("--dsn", envvar="PGOUTBOX_DATABASE__DSN", help=_DSN_HELP)
+@click.option("--schema", help=_SCHEMA_HELP)
 @click.pass_context
 def cli(ctx: click.Context, dsn: str | None, schema: str | None) -> None:
     """pgoutbox: PostgreSQL-backed outbox and workflow engine."""
@@ -298,6 +300,36 @@ def demo(obj: _Context) -> None:
 
 # -- operator tools: `ops`, `audit report`, `stats`, `workers` (pgoutbox/cli_ops.py) -----------
 cli_ops.register(cli, audit)
+
+
+def _accept_database_options_after_commands(group: click.Group) -> None:
+    """Let every command take --dsn and --schema after its name too (``pgoutbox demo --dsn
+    URL``), not only before it: one pair of options added to each command of the tree, setting
+    the same :class:`_Context` as the group's. Given in both places, the later one wins."""
+
+    def store(field: str) -> Callable[[click.Context, click.Parameter, str | None], None]:
+        def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+            obj = ctx.find_object(_Context)
+            if obj is not None and value is not None:
+                setattr(obj, field, value)
+
+        return callback
+
+    for command in group.commands.values():
+        if isinstance(command, click.Group):
+            _accept_database_options_after_commands(command)
+            continue
+        # No envvar here: the environment is the group option's default, and must not undo a
+        # --dsn given before the command.
+        command.params += [
+            click.Option(["--dsn"], help=_DSN_HELP, callback=store("dsn"), expose_value=False),
+            click.Option(
+                ["--schema"], help=_SCHEMA_HELP, callback=store("schema"), expose_value=False
+            ),
+        ]
+
+
+_accept_database_options_after_commands(cli)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import click
 import pytest
 
 from pgoutbox.migrations import head_revision
@@ -91,3 +92,57 @@ async def test_invalid_schema_name_exits_2_naming_it_and_creates_nothing(
     assert result.returncode == 2
     assert f"invalid schema name {bad!r}" in result.stderr
     assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bad%'") == 0
+
+
+def _without_settings(*args: str) -> subprocess.CompletedProcess[str]:
+    """The console script with no PGOUTBOX_* settings in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGOUTBOX_")}
+    return subprocess.run(
+        [str(PGOUTBOX), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_dsn_and_schema_are_accepted_after_the_command_too(
+    database_dsn: str, schemas: list[str]
+) -> None:
+    schema, other = schemas
+    head = head_revision()
+
+    upgrade = _without_settings("db", "upgrade", "--dsn", database_dsn, "--schema", schema)
+    # Given before and after the command, the one after it counts.
+    after = _without_settings(
+        "--schema", other, "--dsn", "postgresql://x@127.0.0.1:1/x", "db", "current",
+        "--schema", schema, "--dsn", database_dsn,
+    )  # fmt: skip
+    before = _without_settings("--schema", other, "--dsn", database_dsn, "db", "current")
+    # The environment is only the default: it does not undo a --dsn given before the command.
+    environment = pgoutbox(
+        "--dsn", database_dsn, "db", "current", "--schema", schema,
+        dsn="postgresql://x@127.0.0.1:1/x", schema=other,
+    )  # fmt: skip
+
+    assert (upgrade.returncode, upgrade.stdout) == (0, f"schema {schema} is at {head}\n"), (
+        upgrade.stderr
+    )
+    assert (after.returncode, after.stdout) == (0, f"{head}\n"), after.stderr
+    assert (before.returncode, before.stdout) == (0, "none\n"), before.stderr
+    assert (environment.returncode, environment.stdout) == (0, f"{head}\n"), environment.stderr
+
+
+def test_every_command_takes_dsn_and_schema_after_its_name() -> None:
+    from pgoutbox.cli import cli
+
+    def leaves(group: click.Group, path: str) -> list[tuple[str, click.Command]]:
+        found = []
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                found += leaves(command, f"{path} {name}")
+            else:
+                found.append((f"{path} {name}", command))
+        return found
+
+    commands = leaves(cli, "pgoutbox")
+    assert len(commands) > 15  # every command, not an empty walk
+    for path, command in commands:
+        options = {option for param in command.params for option in param.opts}
+        assert {"--dsn", "--schema"} <= options, path
