@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
+from types import FrameType
 from typing import Any, TypeVar
 
 import asyncpg
@@ -175,10 +176,15 @@ def audit_verify(obj: _Context) -> None:
 @click.pass_obj
 def worker(obj: _Context, app: str) -> None:
     """Run a WorkflowSystem for APP (`module:router` or `module:system`) until SIGTERM/SIGINT,
-    then stop gracefully. Runs on uvloop when it is installed (``pgoutbox[uvloop]``), which
-    spends less of the worker's own CPU per operation (docs/benchmarks.md)."""
+    then stop gracefully (exit 0, also when the signal comes during start-up). Runs on uvloop
+    when it is installed (``pgoutbox[uvloop]``), which spends less of the worker's own CPU per
+    operation (docs/benchmarks.md)."""
+    # First of all: a process manager may stop the worker while it is still loading APP or
+    # connecting, and that must end as orderly as a stop of a running worker.
+    requested = _StopRequest()
+    requested.install()
     system = _load_app(app, obj)
-    _run(_serve(system), fast_loop=True)
+    _run(_serve(system, requested), fast_loop=True)
 
 
 def _load_app(app: str, obj: _Context) -> WorkflowSystem:
@@ -200,15 +206,53 @@ def _load_app(app: str, obj: _Context) -> WorkflowSystem:
     raise click.UsageError(f"{app!r} is a {type(target).__name__}, not a WorkflowRouter or system")
 
 
-async def _serve(system: WorkflowSystem) -> None:
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopRequest:
+    """Remembers a SIGTERM or SIGINT that came while the worker had no event loop to handle it,
+    instead of dying of it (SIGTERM) or raising KeyboardInterrupt (SIGINT) mid-import."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> None:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, self._record)
+        # A supervisor can close the window before this point (interpreter start-up, importing
+        # pgoutbox) by starting the worker with these signals blocked: they wait, pending,
+        # until here, and are then recorded.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+
+async def _serve(system: WorkflowSystem, requested: _StopRequest) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
-    await system.start()
-    click.echo(f"worker {system.worker_id} running; SIGTERM or Ctrl-C stops it", err=True)
-    await stop.wait()
-    await system.stop()
+    try:
+        # Looked at only now that the loop has the signals: one that came before is here, any
+        # later one sets `stop`, so none falls between the two.
+        if requested.signum is not None:
+            name = signal.Signals(requested.signum).name
+            click.echo(f"{name} before the worker started: not starting it", err=True)
+            return
+        # A signal during start() is honoured once it returns, by the ordinary stop, which
+        # hands back whatever the new worker already claimed.
+        await system.start()
+        click.echo(f"worker {system.worker_id} running; SIGTERM or Ctrl-C stops it", err=True)
+        await stop.wait()
+        await system.stop()
+    finally:
+        # Closing the loop would restore the default actions: a second SIGTERM while the
+        # process winds down would then kill it. Recording it keeps the exit status 0.
+        for signum in _STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+        requested.install()
 
 
 @cli.group()

@@ -3,7 +3,8 @@
 Each command is a thin layer over one :class:`pgoutbox.admin.Admin` method: it parses options,
 calls the method, and prints a table (``rich``) or, with ``--json``, the result as JSON (stable
 keys, ISO-8601 timestamps). Exit codes: 0 done; 1 an operation was not found or an action was
-refused; 2 bad usage, or a database that cannot be reached or used.
+refused; 2 bad usage, or a database that cannot be reached or used. Failures are one ``Error:``
+line on standard error (pgoutbox/cli_errors.py).
 
 :func:`register` adds them to the ``pgoutbox`` group (see ``pgoutbox/cli.py``).
 """
@@ -22,7 +23,6 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
-import asyncpg
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,14 +36,13 @@ from pgoutbox.admin import (
     Admin,
     OperationDetail,
     OperationFilter,
-    OperationNotFound,
     Stats,
     TypeStats,
     When,
     as_json,
 )
 from pgoutbox.audit import AuditVerification
-from pgoutbox.fire import FireRefused
+from pgoutbox.cli_errors import DATABASE_ERRORS, database_error
 from pgoutbox.lifecycle import DEFAULT_LIFECYCLE
 from pgoutbox.settings import DatabaseSettings
 
@@ -194,8 +193,9 @@ def _action_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _run(
     obj: _HasDatabase, action: Callable[[Admin], Awaitable[T]], live_within: timedelta = LIVE_WITHIN
 ) -> T:
-    """Run ``action`` with an open Admin; exit 1 for a missing operation, 2 for a database that
-    cannot be reached or used."""
+    """Run ``action`` with an open Admin. A database that cannot be reached or used exits 2;
+    pgoutbox's own errors (a missing operation: exit 1) are reported by the ``pgoutbox`` group
+    (pgoutbox/cli_errors.py)."""
     settings = obj.database()
 
     async def go() -> T:
@@ -206,21 +206,8 @@ def _run(
         return asyncio.run(go())
     except BrokenPipeError:
         raise  # the reader went away (`| head`): click ends the command quietly
-    except OperationNotFound as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
-        click.echo(
-            f"error: schema {settings.schema_name} is not at pgoutbox's head revision ({exc}): "
-            "run `pgoutbox db upgrade`",
-            err=True,
-        )
-        sys.exit(2)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        click.echo(
-            f"error: database unavailable or not usable: {type(exc).__name__}: {exc}", err=True
-        )
-        sys.exit(2)
+    except DATABASE_ERRORS as exc:
+        raise database_error(exc, settings) from exc
 
 
 def _console(stderr: bool = False) -> Console:
@@ -299,7 +286,7 @@ def _report_actions(results: list[ActionResult], as_json_: bool) -> None:
     else:
         for result in results:
             click.echo(
-                result.message if result.ok else f"error: {result.message}", err=not result.ok
+                result.message if result.ok else f"Error: {result.message}", err=not result.ok
             )
     if not all(result.ok for result in results):
         sys.exit(1)
@@ -569,13 +556,8 @@ def ops_fire(
     """Fire TRIGGER at operation OPERATION_ID, e.g. `approve` at a refund parked in
     awaiting_approval. Exit 1, changing nothing, if its lifecycle does not allow TRIGGER from
     its current state (the message lists what it allows)."""
-    try:
-        fired = _run(
-            obj, lambda admin: admin.fire(operation_id, trigger, actor=actor, detail=detail)
-        )
-    except FireRefused as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    # A refusal (FireRefused) ends as one line, exit 1 (pgoutbox/cli_errors.py).
+    fired = _run(obj, lambda admin: admin.fire(operation_id, trigger, actor=actor, detail=detail))
     if as_json_:
         _print_json(fired)
     else:

@@ -358,7 +358,7 @@ async def test_ops_fire_refuses_a_disallowed_trigger_listing_the_allowed_ones(
     result = await cli("ops", "fire", str(op_id), "pay", "--actor", "alice")
 
     assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr.startswith("error: cannot fire 'pay' at operation")
+    assert result.stderr.startswith("Error: cannot fire 'pay' at operation")
     assert "allows the triggers: approve, deny, expire" in result.stderr
     assert await db.audit(op_id) == before
     assert await db.state(op_id) == "awaiting_approval"

@@ -333,7 +333,7 @@ async def test_ops_show_of_an_unknown_operation_exits_1(cli: Cli) -> None:
     result = await cli("ops", "show", "987654")
 
     assert result.returncode == 1
-    assert result.stderr == "error: no operation 987654\n"
+    assert result.stderr == "Error: no operation 987654\n"
 
 
 # -- ops retry / cancel / replay -----------------------------------------------------------
@@ -373,7 +373,7 @@ async def test_a_refused_action_exits_1_naming_the_id_its_state_and_what_is_allo
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == (
-        f"error: cannot cancel operation {claimed}: it is claimed; cancel applies only to "
+        f"Error: cannot cancel operation {claimed}: it is claimed; cancel applies only to "
         "dead or failed or pending operations (from claimed, lifecycle 'default' allows: fail, "
         "give_up, lose, release, succeed)\n"
     )
@@ -688,7 +688,9 @@ async def test_an_unreachable_database_exits_2(cli: Cli) -> None:
     result = await cli("--dsn", "postgresql://postgres@127.0.0.1:1/postgres", "stats")
 
     assert result.returncode == 2
-    assert result.stderr.startswith("error: database unavailable or not usable: ")
+    assert result.stderr.startswith(
+        "Error: cannot connect to PostgreSQL at 127.0.0.1:1 (database postgres, user postgres): "
+    )
 
 
 async def test_a_schema_without_pgoutbox_exits_2_saying_to_upgrade(cli: Cli) -> None:
