@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,6 +30,27 @@ SESSION_SETTINGS_KEY = "pgoutbox.settings"
 # statistics (tests/integration/test_generic_plans.py).
 HOT_PATH_SETTINGS = {"plan_cache_mode": "force_generic_plan"}
 
+# A worker's connections carry its key in this setting: the database lets only the session that
+# holds a lease's key record, release or extend it, and only a worker id ending in the key's
+# fingerprint act as that worker (revision 0010; docs/security.md).
+WORKER_KEY_SETTING = "pgoutbox.worker_key"
+
+
+def new_worker_key() -> str:
+    """A fresh random worker key (256 bits, hex)."""
+    return secrets.token_hex(32)
+
+
+def worker_key_fingerprint(key: str) -> str:
+    """The 16 hex digits of sha256(key) a worker's id ends with (the database checks them)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _with_worker_key(kwargs: dict[str, Any], worker_key: str | None) -> dict[str, Any]:
+    if worker_key is not None:
+        kwargs["server_settings"] = {**kwargs["server_settings"], WORKER_KEY_SETTING: worker_key}
+    return kwargs
+
 
 def session_settings(session: AsyncSession) -> DatabaseSettings | None:
     """The settings of a session a DatabaseSessionManager handed out; None for another one."""
@@ -41,13 +64,17 @@ def session_schema(session: AsyncSession) -> str:
     return settings.schema_name if settings else "pgoutbox"
 
 
-def create_engine(settings: DatabaseSettings, *, pool_size: int | None = None) -> AsyncEngine:
+def create_engine(
+    settings: DatabaseSettings, *, pool_size: int | None = None, worker_key: str | None = None
+) -> AsyncEngine:
     """An async SQLAlchemy engine over asyncpg for ``settings``.
 
     Connections are made by asyncpg from the settings' fields (not from a URL), so Unix-socket
-    hosts, passwords with special characters and ``application_name`` need no escaping.
+    hosts, passwords with special characters and ``application_name`` need no escaping. A
+    ``worker_key`` is sent with every connection (a worker's transactional handlers record their
+    results on them).
     """
-    kwargs = settings.connect_kwargs()
+    kwargs = _with_worker_key(settings.connect_kwargs(), worker_key)
 
     async def connect() -> Any:
         return await asyncpg.connect(**kwargs)
@@ -63,14 +90,19 @@ def create_engine(settings: DatabaseSettings, *, pool_size: int | None = None) -
 
 
 async def create_pool(
-    settings: DatabaseSettings, *, min_size: int = 1, max_size: int | None = None
+    settings: DatabaseSettings,
+    *,
+    min_size: int = 1,
+    max_size: int | None = None,
+    worker_key: str | None = None,
 ) -> asyncpg.Pool:
-    """An asyncpg pool for pgoutbox's own hot path (claim, record, heartbeat)."""
+    """An asyncpg pool for pgoutbox's own hot path (claim, record, heartbeat); a worker's
+    carries its ``worker_key``."""
     pool: asyncpg.Pool = await asyncpg.create_pool(
         min_size=min_size,
         max_size=max_size or settings.pool_size,
         reset=_keep_session,
-        **hot_path_connect_kwargs(settings),
+        **_with_worker_key(hot_path_connect_kwargs(settings), worker_key),
     )
     return pool
 

@@ -1,15 +1,17 @@
-"""Least-privilege database roles: what publishing, running workers and auditing need, no more.
+"""Least-privilege database roles: what publishing, running workers, operating and auditing
+need, no more.
 
 Usage::
 
     await grant_roles(settings.database, publisher="app", worker="pgoutbox_worker",
-                      auditor="compliance")
+                      operator="ops", auditor="compliance")
 
-or ``pgoutbox db grant --publisher app --worker pgoutbox_worker --auditor compliance``. Run it
-as the schema's owner (the role that ran the migrations), after every upgrade (it is
-idempotent). The roles must exist. None of them gets any write privilege on ``audit_log``: the
-audit triggers append to it with the owner's rights (revision ``0004_least_privilege``), so no
-role granted here can forge, edit or delete an audit row.
+or ``pgoutbox db grant --publisher app --worker pgoutbox_worker --operator ops --auditor
+compliance``. Run it as the schema's owner (the role that ran the migrations), after every
+upgrade (it is idempotent). The roles must exist. Each role's kinds are recorded in
+``role_grants``, which the audit trigger reads: since revision 0010 the database refuses a
+worker transition by a role without the worker kind and an operator transition by a role
+without the operator kind. None of them gets any write privilege on ``audit_log``.
 """
 
 from __future__ import annotations
@@ -19,7 +21,21 @@ from dataclasses import dataclass
 import asyncpg
 
 from pgoutbox.migrations import VERSION_TABLE, quote_schema
+from pgoutbox.schema import build_metadata
 from pgoutbox.settings import DatabaseSettings
+
+KINDS = ("publisher", "worker", "operator", "auditor")
+
+# What each kind may write in `operations`, column by column (column privileges: anything else
+# is refused by the database before any trigger runs). The triggers check the values.
+WORKER_UPDATES = (
+    "state", "transition", "transition_actor", "transition_detail", "attempts", "step_attempts",
+    "max_attempts", "version", "lease_owner", "lease_expires_at", "run_at", "last_error",
+)  # fmt: skip
+OPERATOR_UPDATES = (
+    "state", "transition", "transition_actor", "transition_detail", "step_attempts",
+    "max_attempts", "version", "run_at",
+)  # fmt: skip
 
 
 class RoleError(ValueError):
@@ -32,6 +48,7 @@ class Grants:
 
     publisher: tuple[str, ...]
     worker: tuple[str, ...]
+    operator: tuple[str, ...]
     auditor: tuple[str, ...]
 
 
@@ -47,19 +64,26 @@ def quote_role(role: str) -> str:
 def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
     """The GRANT statements for ``schema``, with ``{role}`` left for the quoted role name.
 
-    - publisher: insert operations (SELECT too: ``RETURNING id``, ``ON CONFLICT`` on the
-      idempotency key, and the check that a repeated key records the same intent);
-    - worker: claim, heartbeat, record and rescue operations, register itself in ``workers``,
-      read the schema revision and the registered lifecycles at start-up (and Alembic's version
-      table, for ``auto_migrate`` at head); it never writes the lifecycle tables (the owner
-      registers lifecycles: ``pgoutbox lifecycle register``);
+    - publisher: insert operations, every column but ``id`` (the insert trigger refuses, by
+      name, a column not at its default); SELECT too (``RETURNING id``, ``ON CONFLICT`` on the
+      idempotency key, the same-intent check of a repeated key);
+    - worker: claim, heartbeat, record, release, reject and rescue operations (the columns
+      those change), register itself in ``workers``, read the schema revision and the
+      registered lifecycles at start-up (and Alembic's version table, for ``auto_migrate`` at
+      head); it never writes the lifecycle tables;
+    - operator: read everything; retry, cancel, replay and fire (the columns those change);
+      purge finished operations;
     - auditor: read everything, write nothing.
     """
     s = quote_schema(schema)
     usage = f"GRANT USAGE ON SCHEMA {s} TO {{role}}"
+    read_all = f"GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {{role}}"
+    ops = f"{s}.operations"
+    inserts = [c.name for c in build_metadata(schema).tables[f"{schema}.operations"].columns]
+    inserts.remove("id")  # ids are the database's: an explicit one is refused
     worker = [
         usage,
-        f"GRANT SELECT, UPDATE ON {s}.operations TO {{role}}",
+        f"GRANT SELECT, UPDATE ({', '.join(WORKER_UPDATES)}) ON {ops} TO {{role}}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.workers TO {{role}}",
         f"GRANT SELECT ON {s}.lifecycle_transitions, {s}.lifecycles, {s}.lifecycle_types, "
         f"{s}.schema_revision TO {{role}}",
@@ -67,9 +91,15 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
     if with_version_table:
         worker.append(f"GRANT SELECT ON {s}.{VERSION_TABLE} TO {{role}}")
     return Grants(
-        publisher=(usage, f"GRANT SELECT, INSERT ON {s}.operations TO {{role}}"),
+        publisher=(usage, f"GRANT SELECT, INSERT ({', '.join(inserts)}) ON {ops} TO {{role}}"),
         worker=tuple(worker),
-        auditor=(usage, f"GRANT SELECT ON ALL TABLES IN SCHEMA {s} TO {{role}}"),
+        operator=(
+            usage,
+            read_all,
+            f"GRANT UPDATE ({', '.join(OPERATOR_UPDATES)}), DELETE ON {ops} TO {{role}}",
+            f"GRANT INSERT, UPDATE ON {s}.purges TO {{role}}",
+        ),
+        auditor=(usage, read_all),
     )
 
 
@@ -78,16 +108,20 @@ async def grant_roles(
     *,
     publisher: str | None = None,
     worker: str | None = None,
+    operator: str | None = None,
     auditor: str | None = None,
 ) -> list[str]:
     """Grant each given role what its kind needs on the configured schema, in one transaction.
 
-    Returns the statements run. Raises :class:`RoleError` (nothing granted) when a role name is
-    invalid or no such role exists.
+    A role's privileges on the schema's tables are first revoked, then granted again for every
+    kind it holds (this call's and earlier ones'), so that running it after an upgrade replaces
+    an older revision's broader grants. Returns the statements run. Raises :class:`RoleError`
+    (nothing granted) when a role name is invalid or no such role exists.
     """
-    given = {"publisher": publisher, "worker": worker, "auditor": auditor}
+    given = {"publisher": publisher, "worker": worker, "operator": operator, "auditor": auditor}
     wanted = {kind: role for kind, role in given.items() if role is not None}
-    quoted = {kind: quote_role(role) for kind, role in wanted.items()}
+    for role in wanted.values():
+        quote_role(role)
     conn = await asyncpg.connect(**settings.connect_kwargs())
     try:
         known = {
@@ -100,16 +134,29 @@ async def grant_roles(
         missing = sorted(set(wanted.values()) - known)
         if missing:
             raise RoleError(f"no such role(s): {', '.join(map(repr, missing))}; create them first")
+        s = quote_schema(settings.schema_name)
         has_version_table = await conn.fetchval(
-            "SELECT to_regclass($1) IS NOT NULL",
-            f"{quote_schema(settings.schema_name)}.{VERSION_TABLE}",
+            "SELECT to_regclass($1) IS NOT NULL", f"{s}.{VERSION_TABLE}"
         )
         grants = grant_statements(settings.schema_name, with_version_table=has_version_table)
         done: list[str] = []
         async with conn.transaction():
-            for kind, role in quoted.items():
-                for statement in getattr(grants, kind):
-                    sql = statement.replace("{role}", role)
+            for kind, role in wanted.items():
+                await conn.execute(
+                    f"INSERT INTO {s}.role_grants (role, kind) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING",
+                    role,
+                    kind,
+                )
+            for role in sorted(set(wanted.values())):
+                kinds = await conn.fetch(
+                    f"SELECT kind FROM {s}.role_grants WHERE role = $1 ORDER BY kind", role
+                )
+                statements = [f"REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {{role}}"]
+                for row in kinds:
+                    statements += [g for g in getattr(grants, row["kind"]) if g not in statements]
+                for statement in statements:
+                    sql = statement.replace("{role}", quote_role(role))
                     await conn.execute(sql)
                     done.append(sql)
         return done

@@ -197,6 +197,15 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("audit_actor", Text, nullable=True),
         Column("audit_detail", Text, nullable=True),
         Column("audit_prev_hash", BYTEA, nullable=True),
+        Column(
+            "lease_key_hash",
+            BYTEA,
+            nullable=True,
+            comment="sha256 of the key (setting pgoutbox.worker_key) of the session that claimed "
+            "the lease: only a session holding it records, releases or extends the lease.",
+        ),
+        Column("audit_db_role", Text, nullable=True),
+        Column("audit_kind", Text, nullable=True),
         PrimaryKeyConstraint("id", name="operations_pkey"),
         CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
     )
@@ -259,6 +268,13 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("recorded_at", _timestamptz(), nullable=False),
         Column("prev_hash", BYTEA, nullable=True),
         Column("hash", BYTEA, nullable=False),
+        Column(
+            "db_role",
+            Text,
+            nullable=True,
+            comment="The database role that made the change (authenticated; part of the hash). "
+            "NULL only on rows written before revision 0010.",
+        ),
         PrimaryKeyConstraint("operation_id", "seq", name="audit_log_pkey"),
         comment="Append-only: one row per state change, written by trigger, sha256-chained per "
         "operation.",
@@ -301,6 +317,21 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         PrimaryKeyConstraint("operation_type", name="lifecycle_types_pkey"),
         comment="The lifecycle each operation type runs; types not listed run the default "
         "lifecycle.",
+    )
+
+    Table(
+        "role_grants",
+        metadata,
+        Column("role", Text, nullable=False),
+        Column("kind", Text, nullable=False),
+        Column("granted_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("granted_by", Text, nullable=False, server_default=text("CURRENT_USER")),
+        PrimaryKeyConstraint("role", "kind", name="role_grants_pkey"),
+        CheckConstraint(
+            "kind IN ('publisher', 'worker', 'operator', 'auditor')", name="role_grants_kind_check"
+        ),
+        comment="Which database roles act as which kind (pgoutbox db grant); the audit trigger "
+        "checks worker and operator transitions against it.",
     )
 
     Table(

@@ -390,7 +390,7 @@ DELETE FROM {s}.workers WHERE id = :worker_id;
 -- The audit chains in (operation_id, seq) order, after a keyset position, with each
 -- operation's recorded chain head.
 SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
-       a.actor, a.detail, a.recorded_at, a.prev_hash, a.hash,
+       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
        o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
        o.state AS current_state
 FROM {s}.audit_log a
@@ -478,8 +478,8 @@ WHERE id = :id;
 
 -- name: audit_log_of_operation
 -- One operation's audit chain in order (it outlives the operation row when that is purged).
-SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, detail,
-       recorded_at, prev_hash, hash
+SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, db_role,
+       detail, recorded_at, prev_hash, hash
 FROM {s}.audit_log
 WHERE operation_id = :operation_id
 ORDER BY seq;
@@ -535,11 +535,11 @@ SELECT id, state, pg_notify(channel, id::text) FROM replayed;
 
 -- name: audit_log_report
 -- Every audit row recorded in [since, until), optionally of some operation types, in the
--- order it was recorded: the compliance report.
-SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, detail,
-       recorded_at, prev_hash, hash
+-- order it was recorded: the compliance report. A NULL since: from the first row.
+SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, db_role,
+       detail, recorded_at, prev_hash, hash
 FROM {s}.audit_log
-WHERE recorded_at >= :since AND recorded_at < :until
+WHERE recorded_at >= coalesce(CAST(:since AS timestamptz), '-infinity') AND recorded_at < :until
   AND (CAST(:type_patterns AS text[]) IS NULL
        OR operation_type LIKE ANY(CAST(:type_patterns AS text[])))
 ORDER BY recorded_at, operation_id, seq;

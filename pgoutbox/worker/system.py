@@ -5,13 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import uuid
 from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from pgoutbox import migrations, registry
-from pgoutbox.db import create_engine, create_pool
+from pgoutbox.db import create_engine, create_pool, new_worker_key, worker_key_fingerprint
 from pgoutbox.router import RouterError, WorkflowRouter
 from pgoutbox.settings import Settings
 from pgoutbox.sql import queries
@@ -45,7 +44,11 @@ class WorkflowSystem:
         self.handlers = router.handlers()
         if not self.handlers:
             raise RouterError("the router has no handlers: register some with @router.on(...)")
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        # The database knows this process's worker by its key: the id ends with the key's
+        # fingerprint, and only this process's connections carry the key.
+        self._worker_key = new_worker_key()
+        fingerprint = worker_key_fingerprint(self._worker_key)
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{fingerprint}"
         self._dispatcher: Dispatcher | None = None
         self._services: list[Heartbeat | Rescuer | Listener] = []
         self._engine: AsyncEngine | None = None
@@ -79,7 +82,9 @@ class WorkflowSystem:
                     "workflow_system.auto_migrate=true)"
                 )
         q = queries(db.schema_name)
-        self._pool = await create_pool(db, max_size=max(db.pool_size, 4))
+        self._pool = await create_pool(
+            db, max_size=max(db.pool_size, 4), worker_key=self._worker_key
+        )
         try:
             async with self._pool.acquire() as conn:
                 if ws.auto_migrate:
@@ -91,7 +96,7 @@ class WorkflowSystem:
             raise
         sessions = None
         if any(step.transactional for s in self.handlers.values() for step in s.all_steps()):
-            self._engine = create_engine(db, pool_size=ws.n_workers)
+            self._engine = create_engine(db, pool_size=ws.n_workers, worker_key=self._worker_key)
             sessions = async_sessionmaker(self._engine, expire_on_commit=False)
         async with self._pool.acquire() as conn:
             await q["workers_register"].execute(
