@@ -1,7 +1,8 @@
 """The ``pgoutbox`` command line.
 
 Settings come from the same ``PGOUTBOX_*`` environment variables as :class:`pgoutbox.Settings`;
-``--dsn`` and ``--schema``, before or after the command's name, override them.
+``--dsn`` and ``--schema``, before or after the command's name, override them. Expected failures
+end as one ``Error: ...`` line and exit 1 or 2 (pgoutbox/cli_errors.py).
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from pgoutbox import cli_ops, migrations
+from pgoutbox.cli_errors import (
+    DATABASE_ERRORS,
+    CliError,
+    ReportingGroup,
+    database_error,
+    settings_error,
+)
 from pgoutbox.lifecycle import Lifecycle
 from pgoutbox.router import WorkflowRouter
 from pgoutbox.settings import DatabaseSettings, Settings, parse_dsn
@@ -30,18 +37,22 @@ from pgoutbox.worker import WorkflowSystem
 T = TypeVar("T")
 
 
-def _run(coro: Coroutine[Any, Any, T], *, fast_loop: bool = False) -> T:
+def _run(
+    coro: Coroutine[Any, Any, T],
+    *,
+    settings: DatabaseSettings | None = None,
+    fast_loop: bool = False,
+) -> T:
     """Run a command's coroutine; a database that can't be reached or used exits 2 with a
-    one-line reason (exit 1 is kept for "the check failed", e.g. a broken audit chain).
-    ``fast_loop``: on uvloop when it is installed (``pgoutbox[uvloop]``)."""
+    one-line reason naming ``settings``' server (exit 1 is kept for "the check failed", e.g. a
+    broken audit chain). ``fast_loop``: on uvloop when it is installed (``pgoutbox[uvloop]``)."""
     try:
         with asyncio.Runner(loop_factory=_loop_factory() if fast_loop else None) as runner:
             return runner.run(coro)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError) as exc:
-        click.echo(
-            f"error: database unavailable or not usable: {type(exc).__name__}: {exc}", err=True
-        )
-        sys.exit(2)
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): click ends the command quietly
+    except DATABASE_ERRORS as exc:
+        raise database_error(exc, settings) from exc
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -70,14 +81,22 @@ class _Context:
             base = Settings().database
             return DatabaseSettings.model_validate({**base.model_dump(), **overrides})
         except (ValidationError, ValueError) as exc:
-            raise click.UsageError(f"invalid settings: {exc}") from None
+            raise settings_error(exc) from None
+
+    def settings(self) -> Settings:
+        """All settings (the worker's too) from the environment, with database()'s applied."""
+        database = self.database()
+        try:
+            return Settings(database=database)
+        except ValidationError as exc:
+            raise settings_error(exc) from None
 
 
 _DSN_HELP = "postgresql:// URL to connect to (default: PGOUTBOX_DATABASE__DSN)."
 _SCHEMA_HELP = "pgoutbox's schema (default: PGOUTBOX_DATABASE__SCHEMA or pgoutbox)."
 
 
-@click.group()
+@click.group(cls=ReportingGroup)
 @click.option("--dsn", envvar="PGOUTBOX_DATABASE__DSN", help=_DSN_HELP)
 @click.option("--schema", help=_SCHEMA_HELP)
 @click.pass_context
@@ -97,15 +116,17 @@ def db() -> None:
 def db_upgrade(obj: _Context, revision: str) -> None:
     """Bring the schema to REVISION (default: head), creating it if needed."""
     settings = obj.database()
-    _run(migrations.upgrade(settings, revision))
-    click.echo(f"schema {settings.schema_name} is at {_run(migrations.current(settings))}")
+    _run(migrations.upgrade(settings, revision), settings=settings)
+    current = _run(migrations.current(settings), settings=settings)
+    click.echo(f"schema {settings.schema_name} is at {current}")
 
 
 @db.command("current")
 @click.pass_obj
 def db_current(obj: _Context) -> None:
     """Print the revision the schema is at ('none' when pgoutbox is not installed)."""
-    click.echo(_run(migrations.current(obj.database())) or "none")
+    settings = obj.database()
+    click.echo(_run(migrations.current(settings), settings=settings) or "none")
 
 
 @db.command("check")
@@ -113,7 +134,7 @@ def db_current(obj: _Context) -> None:
 def db_check(obj: _Context) -> None:
     """Exit 0 when the schema is at pgoutbox's head revision, 1 otherwise."""
     settings = obj.database()
-    current = _run(migrations.current(settings))
+    current = _run(migrations.current(settings), settings=settings)
     head = migrations.head_revision()
     if current != head:
         click.echo(
@@ -136,17 +157,16 @@ def db_grant(obj: _Context, publisher: str | None, worker: str | None, auditor: 
 
     Run as the schema owner, again after every upgrade. No role gets write access to the
     audit log."""
-    from pgoutbox.roles import RoleError, grant_roles
+    from pgoutbox.roles import grant_roles
 
     if publisher is None and worker is None and auditor is None:
         raise click.UsageError("name at least one of --publisher, --worker, --auditor")
     settings = obj.database()
-    try:
-        statements = _run(
-            grant_roles(settings, publisher=publisher, worker=worker, auditor=auditor)
-        )
-    except RoleError as exc:
-        raise click.UsageError(str(exc)) from None
+    # A RoleError (no such role) ends as one line, exit 2 (pgoutbox/cli_errors.py).
+    statements = _run(
+        grant_roles(settings, publisher=publisher, worker=worker, auditor=auditor),
+        settings=settings,
+    )
     for statement in statements:
         click.echo(f"{statement};")
 
@@ -202,7 +222,7 @@ def _load_app(app: str, obj: _Context) -> WorkflowSystem:
     if isinstance(target, WorkflowSystem):
         return target
     if isinstance(target, WorkflowRouter):
-        return WorkflowSystem(router=target, settings=Settings(database=obj.database()))
+        return WorkflowSystem(router=target, settings=obj.settings())
     raise click.UsageError(f"{app!r} is a {type(target).__name__}, not a WorkflowRouter or system")
 
 
@@ -267,7 +287,7 @@ def lifecycle_register(obj: _Context, app: str) -> None:
     """Register the lifecycles of APP's operation types (`module:router` or `module:system`),
     as the schema owner. Idempotent; a change that would strand operations is refused, naming
     them (exit 1)."""
-    from pgoutbox.registry import LifecycleRegistryError, Registered, register
+    from pgoutbox.registry import Registered, register
 
     system = _load_app(app, obj)
     settings = obj.database()
@@ -281,11 +301,8 @@ def lifecycle_register(obj: _Context, app: str) -> None:
         finally:
             await conn.close()
 
-    try:
-        done = _run(go())
-    except LifecycleRegistryError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    # A refused change (LifecycleRegistryError) ends as one line, exit 1.
+    done = _run(go(), settings=settings)
     for name, version in sorted(done.versions.items()):
         click.echo(f"lifecycle {name}: registered version {version}")
     for operation_type, name in sorted(done.types.items()):
@@ -305,7 +322,7 @@ def lifecycle_register(obj: _Context, app: str) -> None:
 def lifecycle_show(obj: _Context, operation_type: str, all_transitions: bool) -> None:
     """Print OPERATION_TYPE's lifecycle, as registered in the database, as a Mermaid state
     diagram (types never registered run the default lifecycle)."""
-    from pgoutbox.registry import LifecycleRegistryError, lifecycle_of_type
+    from pgoutbox.registry import lifecycle_of_type
 
     settings = obj.database()
 
@@ -316,11 +333,7 @@ def lifecycle_show(obj: _Context, operation_type: str, all_transitions: bool) ->
         finally:
             await conn.close()
 
-    try:
-        found, version = _run(go())
-    except LifecycleRegistryError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    found, version = _run(go(), settings=settings)
     which = f"version {version}" if version is not None else "built in"
     click.echo(f"%% {operation_type} runs lifecycle {found.name} ({which})")
     if found.parking:
@@ -335,10 +348,27 @@ def lifecycle_show(obj: _Context, operation_type: str, all_transitions: bool) ->
 @click.pass_obj
 def demo(obj: _Context) -> None:
     """Run a worker and three operations on an embedded PostgreSQL (or --dsn), show them
-    change state live, then print an audit trail and verify every hash chain."""
+    change state live, then print an audit trail and verify every hash chain. With --dsn it
+    works in a throwaway schema that it drops afterwards."""
     from pgoutbox.demo import run_demo
+    from pgoutbox.embedded import EmbeddedUnavailableError
 
-    if not _run(run_demo(obj.dsn)):
+    if obj.schema:
+        # The demo drops the schema it used: it must never be one the user named.
+        raise CliError(
+            f"--schema {obj.schema} is not used by the demo: it creates a throwaway schema "
+            "pgoutbox_demo_... and drops it afterwards; leave --schema out"
+        )
+    settings = obj.database() if obj.dsn else None  # an invalid --dsn fails here, in one line
+    try:
+        verified = _run(run_demo(obj.dsn), settings=settings)
+    except EmbeddedUnavailableError as exc:
+        reason = str(exc).rstrip(". ")
+        raise CliError(
+            f"cannot start an embedded PostgreSQL for the demo: {reason}. On a server you "
+            "have: pgoutbox demo --dsn postgresql://USER@HOST/DATABASE"
+        ) from exc
+    if not verified:
         sys.exit(1)
 
 
@@ -376,6 +406,6 @@ def _accept_database_options_after_commands(group: click.Group) -> None:
 _accept_database_options_after_commands(cli)
 
 
-def main() -> None:
-    """Entry point of the ``pgoutbox`` console script."""
-    cli()
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``pgoutbox`` console script; ``argv`` defaults to ``sys.argv[1:]``."""
+    cli.main(args=argv, prog_name="pgoutbox")
