@@ -277,13 +277,17 @@ async def test_a_trace_context_that_is_not_a_json_object_of_headers_is_ignored(
     router.on(operation_type)(_noop)
     schema = settings.database.schema_name
     garbled = ['["not", "an", "object"]', '{"traceparent": 42}', '{"traceparent": "garbage"}']
-    op_ids = [await publish(sm, settings, operation_type, {"n": n}) for n in range(3)]
-    for op_id, value in zip(op_ids, garbled, strict=True):
-        await conn.execute(
-            f'UPDATE "{schema}".operations SET trace_context = $2::jsonb WHERE id = $1',
-            op_id,
+    # Set at insert, as a publisher could: the trace context cannot change afterwards.
+    op_ids = [
+        await conn.fetchval(
+            f'INSERT INTO "{schema}".operations (operation_type, channel, payload, trace_context) '
+            "VALUES ($1, $2, '{}', $3::jsonb) RETURNING id",
+            operation_type,
+            settings.workflow_system.channel,
             value,
         )
+        for value in garbled
+    ]
 
     async with WorkflowSystem(router=router, settings=settings):
         await wait_for_states(conn, schema, dict.fromkeys(op_ids, "succeeded"))

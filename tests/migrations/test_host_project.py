@@ -108,6 +108,7 @@ PGOUTBOX_TABLES = [
     "lifecycles",
     "operations",
     "purges",
+    "role_grants",
     "schema_revision",
     "workers",
 ]

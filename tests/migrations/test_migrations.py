@@ -37,6 +37,7 @@ PGOUTBOX_TABLES = {
     "workers",
     "schema_revision",
     "purges",
+    "role_grants",
 }
 # The triggers that make the audit log the database's, not the application's. Every one is
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.
@@ -48,6 +49,7 @@ PGOUTBOX_TRIGGERS = {
     ("operations", "b_operations_after_insert"),
     ("operations", "b_operations_before_update"),
     ("operations", "a_operations_settled"),
+    ("operations", "a_operations_heartbeat"),
     ("operations", "b_operations_after_update"),
     ("operations", "c_operations_before_delete"),
     ("operations", "c_operations_no_truncate"),

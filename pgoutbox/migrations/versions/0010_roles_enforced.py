@@ -30,9 +30,10 @@ itself, whatever the statement:
 - **The protocol's arithmetic is checked per row:** a claim adds exactly one to ``attempts``,
   ``step_attempts`` and ``version`` and sets a lease of at most a day in database time, leaving
   the schedule, limits and last error alone; a step's result needs the unexpired lease and ends
-  it; ``release`` needs the lease, ``lose`` an expired one (or the lease: on_lost=dead); every
-  transition but ``reject`` bumps ``version`` by one; ``reject`` changes nothing but the audit
-  head; operator transitions leave attempts and leases alone. Without a transition, only the
+  it; ``release`` needs the lease, ``lose`` an expired one (or the lease: on_lost=dead); each
+  of these bumps ``version`` by one; ``reject`` changes nothing but the audit head; operator
+  transitions and fired triggers leave attempts and leases alone and ``version`` as it was or
+  one up. Without a transition, only the
   lease holder may extend its lease (heartbeat), and nothing else may change.
 - **Inserts start at the beginning:** ``created_by`` is the inserting role; ``attempts``,
   ``step_attempts``, ``version``, ``last_error``, the lease, transition and staged audit columns
@@ -150,8 +151,11 @@ _CONDITIONS = {
         f"coalesce(OLD.run_at OPERATOR(pg_catalog.<=) {_NOW} AND "
         f"{_eq('NEW.transition', _TIMEOUT_TRIGGER)}, false)"
     ),
+    # pgoutbox's own decisions bump version; one that leaves it may stand (no lease is fenced by
+    # it), one that moves it elsewhere may not.
     "decision_keeps": (
-        _plus_one("version") + " AND " + _unchanged("attempts", "lease_owner", "lease_expires_at")
+        f"({_plus_one('version')} OR {_unchanged('version')}) AND "
+        + _unchanged("attempts", "lease_owner", "lease_expires_at")
     ),
 }
 
@@ -232,7 +236,7 @@ BEGIN
             END IF;
         END IF;
         IF bad IS NULL AND NOT (<decision_keeps>) THEN
-            bad := 'this transition adds one to version and leaves attempts and the lease alone';
+            bad := 'this transition adds at most one to version and leaves attempts and the lease alone';
         END IF;
     END IF;
 
