@@ -442,10 +442,15 @@ class Admin:
         return OperationDetail(operation_id, operation, payload, attempts_from_audit(audit), audit)
 
     def report(
-        self, since: When, until: When, operation_types: Sequence[str] = ()
+        self,
+        since: When | None = None,
+        until: When | None = None,
+        operation_types: Sequence[str] = (),
     ) -> AsyncIterator[AuditRecord]:
         """Every audit row recorded in ``[since, until)``, in the order it was recorded: one
-        row per state change with who, what and when -- the report for an auditor.
+        row per state change with who, what and when -- the report for an auditor. Without
+        ``since`` it starts at the first row; without ``until`` it ends at the database's
+        ``now()`` (use :meth:`resolve` first to know which instant that was).
 
         Usage::
 
@@ -459,7 +464,7 @@ class Admin:
         return self._report(since, until, tuple(operation_types))
 
     async def _report(
-        self, since: When, until: When, operation_types: tuple[str, ...]
+        self, since: When | None, until: When | None, operation_types: tuple[str, ...]
     ) -> AsyncIterator[AuditRecord]:
         q = self._q["audit_log_report"]
         async with (
@@ -467,12 +472,18 @@ class Admin:
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
             args = q.args(
-                since=await _resolve(conn, self._q, since),
-                until=await _resolve(conn, self._q, until),
+                since=await _resolve_optional(conn, self._q, since),
+                until=await _resolve(conn, self._q, timedelta(0) if until is None else until),
                 type_patterns=_like_patterns(operation_types),
             )
             async for row in conn.cursor(q.asyncpg_sql, *args, prefetch=1000):
                 yield _audit_record(row)
+
+    async def resolve(self, when: When) -> datetime:
+        """The instant ``when`` stands for: an aware datetime as it is, a timedelta counted back
+        from the database's clock (``timedelta(0)``: the database's ``now()``)."""
+        async with self.pool.acquire() as conn:
+            return await _resolve(conn, self._q, when)
 
     async def stats(self, since: When = timedelta(hours=24)) -> Stats:
         """Operations per state and type, the oldest due pending operation's wait, and the

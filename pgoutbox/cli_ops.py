@@ -19,6 +19,7 @@ import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
@@ -273,11 +274,21 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "es" if noun.endswith("ch") else "s")
 
 
-def _first_line(text: str | None, limit: int = 70) -> str | None:
-    if text is None:
-        return None
+def shorten(text: str, limit: int) -> str:
+    """The first line of ``text``, at most ``limit`` characters: when longer, cut after the last
+    whole word that fits and ended with ``…``, so a reader sees it goes on (a single word
+    longer than the limit is cut inside)."""
     line = text.split("\n", 1)[0]
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+    if len(line) <= limit:
+        return line
+    cut = line[: limit - 1]  # room for the ellipsis
+    if cut and cut[-1].isalnum() and line[limit - 1].isalnum() and " " in cut:
+        cut = cut.rsplit(" ", 1)[0]  # the cut falls inside a word: drop the word's start
+    return cut.rstrip(" ,;:") + "…"
+
+
+def _first_line(text: str | None, limit: int = 70) -> str | None:
+    return None if text is None else shorten(text, limit)
 
 
 def _report_actions(results: list[ActionResult], as_json_: bool) -> None:
@@ -642,8 +653,12 @@ def _by_state(counts: dict[str, int]) -> str:
 
 
 @click.command("report")
-@click.option("--since", **WHEN, required=True, help="From (inclusive): ISO-8601 or e.g. 30d.")
-@click.option("--until", **WHEN, required=True, help="To (exclusive): ISO-8601, now, or 1d.")
+@click.option(
+    "--since",
+    **WHEN,
+    help="From (inclusive): ISO-8601 or e.g. 30d. Default: the first row of the log.",
+)
+@click.option("--until", **WHEN, help="To (exclusive): ISO-8601, now, or 1d. Default: now.")
 @click.option(
     "--type",
     "operation_types",
@@ -663,20 +678,22 @@ def _by_state(counts: dict[str, int]) -> str:
 @click.pass_obj
 def audit_report(
     obj: _HasDatabase,
-    since: When,
-    until: When,
+    since: When | None,
+    until: When | None,
     operation_types: tuple[str, ...],
     fmt: str,
     output: Path | None,
 ) -> None:
-    """Every state change recorded in [--since, --until): one row per transition with who
-    (actor), what (operation, transition, states, attempt, detail) and when, plus the hash that
-    chains it, in the order it was recorded."""
+    """Every state change recorded in [--since, --until), by default all of them up to now:
+    one row per transition with who (actor), what (operation, transition, states, attempt,
+    detail) and when, plus the hash that chains it, in the order it was recorded. The period
+    covered is said on standard error, so the CSV or JSON stays exactly that."""
 
     if output is None:
-        _run(
+        written = _run(
             obj, lambda admin: _write_report(admin, since, until, operation_types, fmt, sys.stdout)
         )
+        click.echo(f"{_count(written.rows, 'audit row')} {written.period()}", err=True)
         return
     # Written beside FILE and renamed once complete: a half-written report never has its name.
     partial = output.with_name(output.name + ".partial")
@@ -688,31 +705,50 @@ def audit_report(
         ) from None
     try:
         with out:
-            count = _run(
+            written = _run(
                 obj, lambda admin: _write_report(admin, since, until, operation_types, fmt, out)
             )
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     os.replace(partial, output)
-    click.echo(f"wrote {count} audit rows to {output}", err=True)
+    click.echo(
+        f"wrote {_count(written.rows, 'audit row')} to {output}, {written.period()}", err=True
+    )
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What `audit report` wrote: how many rows, recorded in [since, until)."""
+
+    rows: int
+    since: datetime | None  # None: from the first row of the log
+    until: datetime
+
+    def period(self) -> str:
+        """The period covered, exactly, so the next report can start where this one ended."""
+        start = "the start of the log" if self.since is None else self.since.isoformat()
+        return f"recorded from {start} until {self.until.isoformat()} (exclusive)"
 
 
 async def _write_report(
     admin: Admin,
-    since: When,
-    until: When,
+    since: When | None,
+    until: When | None,
     operation_types: Sequence[str],
     fmt: str,
     out: IO[str],
-) -> int:
+) -> _Written:
+    # Both ends as instants, resolved before reading: the period said is the period read.
+    since_at = None if since is None else await admin.resolve(since)
+    until_at = await admin.resolve(timedelta(0) if until is None else until)
     count = 0
     writer = csv.DictWriter(out, fieldnames=REPORT_COLUMNS) if fmt == "csv" else None
     if writer is not None:
         writer.writeheader()
     else:
         out.write("[")
-    async for record in admin.report(since, until, operation_types):
+    async for record in admin.report(since_at, until_at, operation_types):
         row = as_json(record)
         if writer is not None:
             writer.writerow({column: row[column] for column in REPORT_COLUMNS})
@@ -721,7 +757,7 @@ async def _write_report(
         count += 1
     if writer is None:
         out.write("\n]\n" if count else "]\n")
-    return count
+    return _Written(count, since_at, until_at)
 
 
 async def verify_with_progress(admin: Admin) -> AuditVerification:

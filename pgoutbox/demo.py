@@ -22,7 +22,7 @@ from rich.table import Table
 
 from pgoutbox.admin import Admin
 from pgoutbox.audit import verify
-from pgoutbox.cli_ops import STATE_STYLE
+from pgoutbox.cli_ops import STATE_STYLE, shorten
 from pgoutbox.context import HandlerContext
 from pgoutbox.db import DatabaseSessionManager
 from pgoutbox.lifecycle import FINISHED_STATES
@@ -142,7 +142,7 @@ async def _watch(admin: Admin, console: Console) -> None:
                     op.operation_type,
                     f"[{style}]{op.state}[/]",
                     str(op.attempts),
-                    (op.last_error or "")[:60],
+                    shorten(op.last_error or "", 60),
                 )
             live.update(table)
             if all(op.state in FINISHED_STATES for op in operations):
@@ -162,6 +162,6 @@ async def _trail(admin: Admin, operation_id: int) -> Table:
             f"{row.from_state or '-'} -> {row.to_state}",
             str(row.attempt),
             row.actor,
-            (row.detail or "").split("\n", 1)[0][:50],
+            shorten(row.detail or "", 50),
         )
     return table

@@ -10,11 +10,12 @@ import getpass
 import io
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -522,7 +523,11 @@ async def test_audit_report_csv_is_the_audit_log_row_by_row(
         "audit", "report", "--since", since.isoformat(), "--until", until.isoformat()
     )
 
-    assert (result.returncode, result.stderr) == (0, "")
+    assert result.returncode == 0, result.stderr
+    # The period goes to standard error: standard output is the CSV and nothing else.
+    assert result.stderr == (
+        f"4 audit rows recorded from {since.isoformat()} until {until.isoformat()} (exclusive)\n"
+    )
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
     expected = await world.conn.fetch(
         f"SELECT * FROM {world.s}.audit_log WHERE recorded_at >= $1 AND recorded_at < $2 "
@@ -544,6 +549,7 @@ async def test_audit_report_json_to_a_file_filtered_by_type(
     cli: Cli, world: World, ids: dict[str, int], tmp_path: Path
 ) -> None:
     output = tmp_path / "report.json"
+    before = await world.now()
 
     result = await cli(
         "audit",
@@ -561,7 +567,10 @@ async def test_audit_report_json_to_a_file_filtered_by_type(
     )
 
     assert (result.returncode, result.stdout) == (0, "")
-    assert result.stderr == f"wrote 3 audit rows to {output}\n"
+    since, until = _period(result.stderr, f"wrote 3 audit rows to {output}, ")
+    assert since is not None
+    assert before <= until <= await world.now()
+    assert before - timedelta(hours=1) <= since <= until - timedelta(hours=1)
     assert not output.with_name("report.json.partial").exists()
     report = json.loads(output.read_text())
     audit = await world.audit(ids["dead"])
@@ -581,11 +590,40 @@ async def test_audit_report_of_an_empty_window_is_valid_json(cli: Cli) -> None:
     assert (result.returncode, result.json()) == (0, [])
 
 
-async def test_audit_report_requires_since_and_until(cli: Cli) -> None:
-    result = await cli("audit", "report", "--since", "1d")
+def _period(stderr: str, prefix: str) -> tuple[datetime | None, datetime]:
+    """The [since, until) that `audit report` said it covered (None: from the first row)."""
+    match = re.fullmatch(
+        re.escape(prefix) + r"recorded from (.+) until (.+) \(exclusive\)\n", stderr
+    )
+    assert match is not None, stderr
+    since, until = match.groups()
+    start = None if since == "the start of the log" else datetime.fromisoformat(since)
+    return start, datetime.fromisoformat(until)
 
-    assert result.returncode == 2
-    assert "Missing option '--until'" in result.stderr
+
+async def test_audit_report_without_a_period_reports_all_history_up_to_now_and_says_so(
+    cli: Cli, world: World, ids: dict[str, int]
+) -> None:
+    before = await world.now()
+
+    result = await cli("audit", "report")
+    as_json = await cli("audit", "report", "--format", "json", "--until", before.isoformat())
+
+    assert result.returncode == 0, result.stderr
+    since, until = _period(result.stderr, "14 audit rows ")
+    assert since is None
+    assert before <= until <= await world.now()
+    everything = await world.conn.fetch(
+        f"SELECT * FROM {world.s}.audit_log ORDER BY recorded_at, operation_id, seq"
+    )
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert rows == [{c: _csv_value(audit[c]) for c in REPORT_COLUMNS} for audit in everything]
+    # Only --until: from the first row to then, and still a plain JSON array.
+    assert as_json.returncode == 0, as_json.stderr
+    assert _period(as_json.stderr, "14 audit rows ") == (None, before)
+    assert [(r["operation_id"], r["seq"]) for r in as_json.json()] == [
+        (audit["operation_id"], audit["seq"]) for audit in everything
+    ]
 
 
 async def test_audit_verify_shows_a_progress_bar_on_a_terminal(

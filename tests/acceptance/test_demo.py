@@ -45,6 +45,10 @@ async def test_demo_runs_to_completion_in_under_a_minute_and_verifies_the_audit_
     assert returncode == 0, out + err
     assert elapsed < 60
     assert "Starting an embedded PostgreSQL" in out
+    # The server's address as psql and --dsn take it: a Unix socket directory, no TCP port.
+    server = re.search(r"^  (embedded|binaries): (postgresql://\S+)$", out, re.MULTILINE)
+    assert server is not None, out
+    assert re.fullmatch(r"postgresql://postgres@/postgres\?host=/[^&]+", server.group(2))
     for state in ("succeeded", "dead"):
         assert state in out
     assert "give_up" in out  # the failing operation's audit trail
@@ -59,6 +63,11 @@ async def test_demo_runs_on_the_server_given_with_dsn_after_the_command_and_drop
     assert (returncode, err) == (0, ""), out + err
     assert "Starting an embedded PostgreSQL" not in out
     assert "audit verify: OK - 13 rows of 3 operations, every hash chain holds" in out
+    # The failing attempts' details, shortened to their column at a word, with an ellipsis.
+    trail = [line for line in out.splitlines() if " fail " in line or " give_up " in line]
+    assert len(trail) == 3, out
+    for n, line in enumerate(trail, start=1):
+        assert f"│ attempt {n} of 3: ConnectionError: payment provider… │" in line, line
     used = re.search(r"Migrating schema (pgoutbox_demo_[0-9a-f]{6}) ", out)
     assert used is not None, out
     assert await conn.fetchval("SELECT to_regnamespace($1)", used.group(1)) is None
