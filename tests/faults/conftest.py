@@ -14,10 +14,11 @@ from pgoutbox.settings import DatabaseSettings
 
 @pytest.fixture
 async def roles(db_settings: DatabaseSettings, conn: asyncpg.Connection) -> AsyncIterator[Roles]:
-    """Four fresh login roles; publisher, worker and auditor granted through the CLI. Dropped
-    (with everything granted to them) at teardown."""
+    """Five fresh login roles; publisher, worker, auditor and operator granted through the CLI.
+    Dropped (with everything granted to them) at teardown."""
     tag = uuid.uuid4().hex[:8]
-    names = [f"fault_{kind}_{tag}" for kind in ("publisher", "worker", "auditor", "outsider")]
+    kinds = ("publisher", "worker", "auditor", "outsider", "operator")
+    names = [f"fault_{kind}_{tag}" for kind in kinds]
     for name in names:
         await conn.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{ROLE_PASSWORD}'")
     made = Roles(*names, base=db_settings)
@@ -25,6 +26,7 @@ async def roles(db_settings: DatabaseSettings, conn: asyncpg.Connection) -> Asyn
         proc = await run_cli(
             "--dsn", db_settings.dsn or "", "--schema", db_settings.schema_name, "db", "grant",
             "--publisher", made.publisher, "--worker", made.worker, "--auditor", made.auditor,
+            "--operator", made.operator,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield made

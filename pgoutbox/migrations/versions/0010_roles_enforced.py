@@ -346,30 +346,13 @@ END $$;
 
 {row_trigger}
 
--- Once per statement, with the owner's rights: every transition's role may act as its kind,
--- every transition is one its lifecycle allows; then all audit rows in one INSERT.
+-- Once per statement, with the owner's rights: every transition is one its lifecycle allows,
+-- and every transition's role may act as its kind; then all audit rows in one INSERT.
 CREATE OR REPLACE FUNCTION {s}.operations_after_update() RETURNS trigger LANGUAGE plpgsql
     SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     refused record;
 BEGIN
-    SELECT acted.db_role, acted.kind
-    INTO refused
-    FROM (SELECT DISTINCT c.audit_db_role AS db_role, c.audit_kind AS kind
-          FROM changed c WHERE c.audit_trigger IS NOT NULL) acted
-    WHERE NOT pg_has_role(acted.db_role, (SELECT relowner FROM pg_class WHERE oid = TG_RELID),
-                          'USAGE')
-      AND NOT EXISTS (
-          SELECT 1 FROM {s}.role_grants g JOIN pg_roles r ON r.rolname = g.role
-          WHERE g.kind = acted.kind AND pg_has_role(acted.db_role, r.oid, 'USAGE'))
-    LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'pgoutbox: role % may not make % transitions in schema %', refused.db_role,
-            refused.kind, TG_TABLE_SCHEMA
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = format('The owner grants it: pgoutbox db grant --%s %s', refused.kind,
-                                quote_ident(refused.db_role));
-    END IF;
     SELECT c.id, c.operation_type, c.lifecycle, c.audit_from_state AS from_state,
            c.state AS to_state, c.audit_trigger AS trigger
     INTO refused
@@ -394,6 +377,24 @@ BEGIN
             refused.id, refused.operation_type, refused.trigger, refused.from_state,
             refused.to_state, refused.lifecycle
             USING ERRCODE = 'check_violation';
+    END IF;
+    SELECT acted.db_role, acted.kind, acted.trigger
+    INTO refused
+    FROM (SELECT DISTINCT ON (c.audit_db_role, c.audit_kind) c.audit_db_role AS db_role,
+                 c.audit_kind AS kind, c.audit_trigger AS trigger
+          FROM changed c WHERE c.audit_trigger IS NOT NULL) acted
+    WHERE NOT pg_has_role(acted.db_role, (SELECT relowner FROM pg_class WHERE oid = TG_RELID),
+                          'USAGE')
+      AND NOT EXISTS (
+          SELECT 1 FROM {s}.role_grants g JOIN pg_roles r ON r.rolname = g.role
+          WHERE g.kind = acted.kind AND pg_has_role(acted.db_role, r.oid, 'USAGE'))
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'pgoutbox: role % may not make % transitions ("%") in schema %',
+            refused.db_role, refused.kind, refused.trigger, TG_TABLE_SCHEMA
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = format('The owner grants it: pgoutbox db grant --%s %s', refused.kind,
+                                quote_ident(refused.db_role));
     END IF;
     INSERT INTO {s}.audit_log (operation_id, seq, operation_type, from_state, to_state, trigger,
                                attempt, actor, detail, recorded_at, prev_hash, hash, db_role)
