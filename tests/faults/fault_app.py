@@ -1,6 +1,7 @@
 """A worker process that kills itself (SIGKILL) at seeded random points of its attempts.
 
-Run as ``python tests/faults/fault_app.py``; settings come from ``PGOUTBOX_...`` variables, and:
+Run as ``pgoutbox worker fault_app:system`` from this directory, so that its start-up, signals
+and stop are the CLI's, as in a deployment. Settings come from ``PGOUTBOX_...`` variables, and:
 
 - ``FAULT_SEED``: the seed; whether attempt *a* of operation *n* is killed, and where, is a pure
   function of (seed, n, a), so a failing seed replays the same kill decisions;
@@ -26,6 +27,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -49,19 +51,40 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def build_router(effects: asyncpg.Pool, schema: str, seed: int, rate: float) -> WorkflowRouter:
+class Effects:
+    """The handlers' own pool to the ``effects`` table, open while the worker runs."""
+
+    def __init__(self, settings: Settings, schema: str) -> None:
+        self._settings = settings
+        self._insert = (
+            f'INSERT INTO "{schema}".effects (operation_id, attempt, worker_pid) '
+            "VALUES ($1, $2, $3)"
+        )
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        self._pool = await asyncpg.create_pool(
+            min_size=1, max_size=2, **self._settings.database.connect_kwargs()
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+
+    async def record(self, ctx: HandlerContext) -> None:
+        assert self._pool is not None, "handlers run only between open() and close()"
+        await self._pool.execute(self._insert, ctx.operation_id, ctx.attempt, os.getpid())
+
+
+def build_router(effects: Effects, seed: int, rate: float) -> WorkflowRouter:
     router = WorkflowRouter(prefix="fault")
-    insert = (
-        f'INSERT INTO "{schema}".effects (operation_id, attempt, worker_pid) VALUES ($1, $2, $3)'
-    )
-    pid = os.getpid()
 
     @router.on("work")
     async def work(ctx: HandlerContext, payload: Any) -> None:
         point, delay = kill_decision(seed, ctx.operation_id, ctx.attempt, rate)
         if point == "before_effect":
             die()
-        await effects.execute(insert, ctx.operation_id, ctx.attempt, pid)
+        await effects.record(ctx)
         if point == "after_effect":
             die()
         # the "external call": a few ms, or as long as the payload asks
@@ -74,9 +97,10 @@ def build_router(effects: asyncpg.Pool, schema: str, seed: int, rate: float) -> 
     return router
 
 
-async def exit_when_orphaned(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:  # noqa: ASYNC110
-        await asyncio.sleep(0.5)
+def exit_when_orphaned(parent_pid: int) -> None:
+    # A thread, not a task: it also covers start-up, before the worker's loop runs.
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
     os._exit(3)
 
 
@@ -100,43 +124,46 @@ def skew_wall_clock(seconds: float) -> None:
     datetime.datetime = SkewedDatetime  # type: ignore[misc]
 
 
-async def main() -> int:
+class FaultSystem(WorkflowSystem):
+    """The worker, opening the handlers' effects pool before it claims and closing it after."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.effects = Effects(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
+        router = build_router(
+            self.effects,
+            int(os.environ.get("FAULT_SEED", "0")),
+            float(os.environ.get("FAULT_KILL_RATE", "0.05")),
+        )
+        super().__init__(router=router, settings=settings)
+
+    async def start(self) -> None:
+        await self.effects.open()
+        try:
+            await super().start()
+        except BaseException:
+            await self.effects.close()
+            raise
+
+    async def stop(self) -> None:
+        try:
+            await super().stop()
+        finally:
+            await self.effects.close()
+
+
+def build_system() -> FaultSystem:
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.WARNING,
         format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
     parent = os.environ.get("FAULT_PARENT_PID")
-    watchdog = asyncio.create_task(exit_when_orphaned(int(parent))) if parent else None
+    if parent:
+        threading.Thread(target=exit_when_orphaned, args=(int(parent),), daemon=True).start()
     skew = float(os.environ.get("FAULT_CLOCK_SKEW_SECONDS", "0"))
     if skew:
         skew_wall_clock(skew)
-    settings = Settings()
-    effects = await asyncpg.create_pool(
-        min_size=1, max_size=2, **settings.database.connect_kwargs()
-    )
-    router = build_router(
-        effects,
-        os.environ["FAULT_EFFECTS_SCHEMA"],
-        int(os.environ.get("FAULT_SEED", "0")),
-        float(os.environ.get("FAULT_KILL_RATE", "0.05")),
-    )
-    system = WorkflowSystem(router=router, settings=settings)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await system.start()
-    try:
-        print(f"ready {system.worker_id}", flush=True)
-        await stopping.wait()
-    finally:
-        await system.stop()
-        await effects.close()
-        if watchdog is not None:
-            watchdog.cancel()
-    return 0
+    return FaultSystem(Settings())
 
 
-if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+system = build_system()

@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -22,6 +23,23 @@ ROLE_PASSWORD = "pgoutbox-fault-suite"  # ignored under trust auth, used under m
 def pgoutbox_command(*args: str) -> list[str]:
     """argv running the ``pgoutbox`` console script of this interpreter."""
     return [sys.executable, "-c", "from pgoutbox.cli import main; main()", *args]
+
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def spawn_holding_stop_signals(args: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a ``pgoutbox worker`` process with SIGTERM and SIGINT blocked from its first
+    instruction (the child inherits the forking thread's signal mask, across ``exec``). A stop
+    signal sent before the worker can handle it -- during interpreter start-up or the import of
+    pgoutbox -- waits, pending, until the worker unblocks them with its handler in place,
+    instead of killing it: a test may stop the worker at any moment after this returns and
+    expect an orderly exit (docs/workers.md, "Stopping")."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return subprocess.Popen(args, **popen)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 async def run_cli(*args: str, seconds: float = 120) -> subprocess.CompletedProcess[str]:
@@ -50,6 +68,7 @@ class Roles:
     worker: str
     auditor: str
     outsider: str  # granted nothing
+    operator: str
     base: DatabaseSettings
 
     def settings(self, role: str) -> DatabaseSettings:
@@ -69,7 +88,7 @@ class Roles:
 
 # -- supervised worker processes ---------------------------------------------------------------
 
-FAULT_APP = Path(__file__).resolve().parent / "fault_app.py"
+FAULTS_DIR = Path(__file__).resolve().parent
 
 
 def fault_scale(default: int = 1000) -> int:
@@ -85,8 +104,8 @@ def fault_seed() -> int:
 
 @dataclass
 class Supervisor:
-    """Keeps ``size`` fault_app.py processes running: a process that dies is counted (by how it
-    died) and replaced, as a process manager would."""
+    """Keeps ``size`` worker processes (``pgoutbox worker fault_app:system``) running: a process
+    that dies is counted (by how it died) and replaced, as a process manager would."""
 
     settings: DatabaseSettings
     channel: str
@@ -123,8 +142,10 @@ class Supervisor:
     def spawn(self) -> None:
         log = (self.log_dir / f"worker-{self.started}.log").open("wb")
         with log:
-            proc = subprocess.Popen(
-                [sys.executable, str(FAULT_APP)],
+            # stop() may SIGTERM a process spawned a moment before, still starting up.
+            proc = spawn_holding_stop_signals(
+                pgoutbox_command("worker", "fault_app:system"),
+                cwd=FAULTS_DIR,
                 env=self.environment(),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -147,7 +168,8 @@ class Supervisor:
         return len(dead)
 
     async def stop(self) -> list[int]:
-        """SIGTERM everything (a graceful stop) and return the exit codes."""
+        """SIGTERM everything (a graceful stop, whether a process is running or still starting)
+        and return the exit codes."""
         for proc in self.running:
             proc.send_signal(signal.SIGTERM)
         codes = [await asyncio.to_thread(p.wait, 30) for p in self.running]
