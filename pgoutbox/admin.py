@@ -34,7 +34,7 @@ from typing import Any, Final, Literal
 
 import asyncpg
 
-from pgoutbox.audit import AuditVerification, verify_chains
+from pgoutbox.audit import AuditVerification, verify_audit
 from pgoutbox.db import create_pool
 from pgoutbox.fire import Fired, fire_on
 from pgoutbox.lifecycle import (
@@ -536,10 +536,11 @@ class Admin:
             return count
 
     async def verify(self, progress: Callable[[int], None] | None = None) -> AuditVerification:
-        """Recompute every audit hash chain (see :func:`pgoutbox.audit.verify_chains`);
-        ``progress`` is called with the number of rows checked so far."""
+        """Recompute every audit hash chain and check the schema's triggers and functions (see
+        :func:`pgoutbox.audit.verify_audit`); ``progress`` is called with the number of rows
+        checked so far."""
         async with self.pool.acquire() as conn:
-            return await verify_chains(conn, self.settings.schema_name, progress=progress)
+            return await verify_audit(conn, self.settings.schema_name, progress=progress)
 
     # -- acting ----------------------------------------------------------------------------
 

@@ -10,21 +10,29 @@ database's own function, and checks for every operation that:
   deleted last row is noticed too;
 - the operation is in the state its last audit row records, so a state changed behind the
   audit trigger's back is noticed.
+
+:func:`verify_audit` (what :func:`verify`, ``Admin.verify`` and ``pgoutbox audit verify`` run)
+also checks, in the same snapshot, that the triggers and functions that write the log are still
+the ones pgoutbox's migrations installed (:mod:`pgoutbox.integrity`): a chain that holds proves
+little once the trigger that builds it has been switched to origin-only or replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from pgoutbox.db import create_pool
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
+
+if TYPE_CHECKING:
+    from pgoutbox.integrity import IntegrityProblem
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PAGE = 5000
@@ -95,16 +103,25 @@ class AuditProblem:
 
 @dataclass(frozen=True)
 class AuditVerification:
-    """The outcome of :func:`verify_chains`."""
+    """The outcome of :func:`verify_chains` (chains only) or :func:`verify_audit` (chains and
+    the schema's triggers and functions): the first broken chain, if any, and every
+    :class:`~pgoutbox.integrity.IntegrityProblem`."""
 
     operations: int
     rows: int
     problem: AuditProblem | None
+    integrity: tuple[IntegrityProblem, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """True when every chain holds."""
-        return self.problem is None
+        """True when every chain holds and nothing that enforces the log was weakened."""
+        return self.problem is None and not self.integrity
+
+    def failures(self) -> list[str]:
+        """Each reason the verification failed, one line each: the first broken chain, then
+        every integrity problem (empty when :attr:`ok`)."""
+        chain = [] if self.problem is None else [str(self.problem)]
+        return chain + [str(problem) for problem in self.integrity]
 
 
 class _Chain:
@@ -155,13 +172,35 @@ async def verify_chains(
     *,
     progress: Callable[[int], None] | None = None,
 ) -> AuditVerification:
-    """Check every audit chain in ``schema``; stop at the first problem.
+    """Check every audit chain in ``schema``; stop at the first problem. The chains only: use
+    :func:`verify_audit` to check the triggers and functions that write them too.
 
     ``progress`` is called with the number of rows checked so far after each page.
     """
     # One snapshot for the whole walk: rows appended meanwhile must not look like a broken head.
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         return await _walk(conn, schema, progress)
+
+
+async def verify_audit(
+    conn: asyncpg.Connection,
+    schema: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+) -> AuditVerification:
+    """:func:`verify_chains`, and in the same snapshot
+    :func:`~pgoutbox.integrity.check_schema_integrity`: the result fails when a chain breaks or
+    when a trigger or function that enforces the log differs from what the schema's revision
+    installed. Read-only; the auditor role can run it.
+    """
+    # Imported here, not with the module: `import pgoutbox` loads this module, and
+    # `python -m pgoutbox.integrity` must find pgoutbox.integrity not yet imported.
+    from pgoutbox.integrity import check_schema_integrity
+
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        result = await _walk(conn, schema, progress)
+        problems = await check_schema_integrity(conn, schema)
+    return replace(result, integrity=tuple(problems))
 
 
 async def _walk(
@@ -203,16 +242,17 @@ async def _walk(
 
 
 async def verify(settings: DatabaseSettings) -> AuditVerification:
-    """Verify every audit chain of the pgoutbox schema ``settings`` points at.
+    """Verify every audit chain of the pgoutbox schema ``settings`` points at, and that its
+    triggers and functions are the ones its revision installed (:func:`verify_audit`).
 
     Usage::
 
         result = await verify(Settings().database)
-        assert result.ok, str(result.problem)
+        assert result.ok, "; ".join(result.failures())
     """
     pool = await create_pool(settings, max_size=1)
     try:
         async with pool.acquire() as conn:
-            return await verify_chains(conn, settings.schema_name)
+            return await verify_audit(conn, settings.schema_name)
     finally:
         await pool.close()

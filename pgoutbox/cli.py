@@ -20,7 +20,7 @@ import asyncpg
 import click
 from pydantic import ValidationError
 
-from pgoutbox import cli_ops, migrations
+from pgoutbox import cli_ops, integrity, migrations
 from pgoutbox.cli_errors import (
     DATABASE_ERRORS,
     CliError,
@@ -132,7 +132,8 @@ def db_current(obj: _Context) -> None:
 @db.command("check")
 @click.pass_obj
 def db_check(obj: _Context) -> None:
-    """Exit 0 when the schema is at pgoutbox's head revision, 1 otherwise."""
+    """Exit 0 when the schema is at pgoutbox's head revision and its triggers and functions
+    are the ones that revision installed (pgoutbox/integrity.py), 1 otherwise."""
     settings = obj.database()
     current = _run(migrations.current(settings), settings=settings)
     head = migrations.head_revision()
@@ -142,6 +143,8 @@ def db_check(obj: _Context) -> None:
             "run `pgoutbox db upgrade`",
             err=True,
         )
+        sys.exit(1)
+    if integrity.report(_run(integrity.check(settings))):
         sys.exit(1)
     click.echo(f"schema {settings.schema_name} is at head {head}")
 
@@ -182,11 +185,13 @@ def audit() -> None:
 @audit.command("verify")
 @click.pass_obj
 def audit_verify(obj: _Context) -> None:
-    """Recompute every hash chain; exit 1 naming the first bad operation and seq."""
+    """Recompute every hash chain and check the schema's triggers and functions; exit 1
+    naming the first bad operation and seq and every weakened trigger or function."""
     # A progress bar on stderr when it is a terminal (pgoutbox/cli_ops.py).
     result = cli_ops.run_verify(obj)
-    if result.problem is not None:
-        click.echo(f"FAILED: {result.problem}", err=True)
+    if not result.ok:
+        for failure in result.failures():  # a broken chain, then any weakened trigger/function
+            click.echo(f"FAILED: {failure}", err=True)
         sys.exit(1)
     click.echo(f"OK: {result.rows} audit rows of {result.operations} operations verified")
 

@@ -123,7 +123,7 @@ async def _demo(db: DatabaseSettings, console: Console) -> bool:
             f"{result.operations} operations, every hash chain holds"
         )
     else:
-        console.print(f"[red]audit verify FAILED: {result.problem}[/]")
+        console.print(f"[red]audit verify FAILED: {'; '.join(result.failures())}[/]")
     return result.ok
 
 
