@@ -822,7 +822,10 @@ def manifest_differences(
             for problem in compare_states(
                 shipped[revision], state, quoted_schema="<schema>", revision=revision
             ):
-                out.append(f"revision {revision}: the migrations now give: {problem}")
+                # The manifest as what "was installed", the migrations' catalog as what is found.
+                out.append(
+                    f"revision {revision}, migrated now: {problem.subject} {problem.problem}"
+                )
     return out
 
 
