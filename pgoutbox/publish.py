@@ -238,6 +238,25 @@ def _max_payload_bytes(session: AsyncSession) -> int:
     return settings.max_payload_bytes if settings else DEFAULT_MAX_PAYLOAD_BYTES
 
 
+def _utf8(text: str) -> bool:
+    """Whether ``text`` is valid Unicode text (no lone surrogate), as PostgreSQL stores it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _key_text(value: object) -> bool:
+    """A key PostgreSQL can store and compare: a non-empty, bounded string, no NUL, valid text."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_KEY_CHARS
+        and "\x00" not in value
+        and _utf8(value)
+    )
+
+
 def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
     """Check one operation's arguments; return them as query parameters."""
     operation_type = item.get("operation_type")
@@ -269,6 +288,11 @@ def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
             f"payload of {operation_type!r} contains a NUL character, which PostgreSQL's jsonb "
             "cannot store; encode binary data (e.g. base64) first"
         )
+    if not _utf8(payload):
+        raise PublishError(
+            f"payload of {operation_type!r} contains a lone surrogate (half of a UTF-16 pair), "
+            "which is not text PostgreSQL can store; decode it properly or encode it (base64)"
+        )
     size = len(payload.encode())
     if size > max_payload_bytes:
         raise PublishError(
@@ -283,10 +307,10 @@ def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
             "e.g. datetime.now(timezone.utc) + timedelta(seconds=10)"
         )
     key = item.get("idempotency_key")
-    if key is not None and (not isinstance(key, str) or not key or len(key) > _MAX_KEY_CHARS):
+    if key is not None and not _key_text(key):
         raise PublishError(
             f"invalid idempotency_key {key!r}: a non-empty string of at most {_MAX_KEY_CHARS} "
-            "characters, or None"
+            "characters, without NUL or lone surrogates, or None"
         )
     priority = item.get("priority", 0)
     if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _INT32:
@@ -299,15 +323,11 @@ def _validated(item: dict[str, Any], max_payload_bytes: int) -> dict[str, Any]:
     ):
         raise PublishError(f"invalid max_attempts {max_attempts!r}: an integer >= 1, or None")
     ordering_key = item.get("ordering_key")
-    if ordering_key is not None and (
-        not isinstance(ordering_key, str)
-        or not ordering_key
-        or len(ordering_key) > _MAX_KEY_CHARS
-        or "\x00" in ordering_key
-    ):
+    if ordering_key is not None and not _key_text(ordering_key):
         raise PublishError(
             f"invalid ordering_key {ordering_key!r}: a non-empty string of at most "
-            f"{_MAX_KEY_CHARS} characters without NUL (e.g. 'order-42'), or None"
+            f"{_MAX_KEY_CHARS} characters, without NUL or lone surrogates (e.g. 'order-42'), "
+            "or None"
         )
     return {
         "operation_type": operation_type,

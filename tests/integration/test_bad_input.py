@@ -52,6 +52,14 @@ BAD_ARGUMENTS = [
     pytest.param("payload", {"note": "a\x00b"}, "contains a NUL character", id="payload-nul"),
     pytest.param("payload", {"k\x00": 1}, "contains a NUL character", id="payload-nul-key"),
     pytest.param("payload", _nested(5000), "maximum recursion depth", id="payload-too-deep"),
+    pytest.param("payload", {"note": "\ud800"}, "lone surrogate", id="payload-surrogate"),
+    pytest.param("idempotency_key", "k\x00", r"invalid idempotency_key 'k\x00'", id="key-nul"),
+    pytest.param(
+        "idempotency_key", "k\udc00", r"invalid idempotency_key 'k\udc00'", id="key-surrogate"
+    ),
+    pytest.param(
+        "ordering_key", "o\ud83d", r"invalid ordering_key 'o\ud83d'", id="ordering-surrogate"
+    ),
     pytest.param("channel", "bad;channel", "invalid channel 'bad;channel'", id="channel-semi"),
     pytest.param("channel", 'x"y', """invalid channel 'x"y'""", id="channel-quote"),
     pytest.param("channel", "nul\x00", r"invalid channel 'nul\x00'", id="channel-nul"),
