@@ -25,11 +25,14 @@ import asyncpg
 from _common import bench_database, median
 from bench_drain import OPERATION_TYPE, publish
 
-from pgoutbox.db import hot_path_connect_kwargs
+from pgoutbox.db import hot_path_connect_kwargs, new_worker_key, worker_key_fingerprint
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
 
-WORKER_ID = "bench-bound"
+# A worker as the database knows one (revision 0010): its connections carry its key, its id ends
+# with the key's fingerprint.
+WORKER_KEY = new_worker_key()
+WORKER_ID = f"bench-bound:{worker_key_fingerprint(WORKER_KEY)}"
 LEASE_SECONDS = 30.0
 VARIANTS = ("sequential", "two-lane")
 
@@ -70,7 +73,7 @@ async def sequential_drain(conn: asyncpg.Connection, schema: str, channel: str, 
 
 async def sequential(db: DatabaseSettings, channel: str, batch: int) -> tuple[float, int]:
     """Claim a batch, record it, repeat until nothing is due: (seconds, operations)."""
-    conn = await asyncpg.connect(**hot_path_connect_kwargs(db))
+    conn = await asyncpg.connect(**hot_path_connect_kwargs(db, WORKER_KEY))
     try:
         start = time.perf_counter()
         recorded = await sequential_drain(conn, db.schema_name, channel, batch)
@@ -81,7 +84,7 @@ async def sequential(db: DatabaseSettings, channel: str, batch: int) -> tuple[fl
 
 async def two_lane(db: DatabaseSettings, channel: str, batch: int) -> tuple[float, int]:
     """Two connections, each recording its last batch and claiming its next, side by side."""
-    conns = [await asyncpg.connect(**hot_path_connect_kwargs(db)) for _ in range(2)]
+    conns = [await asyncpg.connect(**hot_path_connect_kwargs(db, WORKER_KEY)) for _ in range(2)]
     try:
         start = time.perf_counter()
         done = await asyncio.gather(

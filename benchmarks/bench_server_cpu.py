@@ -22,7 +22,7 @@ import os
 
 import asyncpg
 from _common import bench_database, median
-from bench_bound import sequential_drain
+from bench_bound import WORKER_KEY, sequential_drain
 from bench_drain import publish
 
 from pgoutbox.db import hot_path_connect_kwargs
@@ -45,7 +45,7 @@ async def main() -> None:
     args = parser.parse_args()
     async with bench_database() as db:
         schema = db.schema_name
-        conn = await asyncpg.connect(**hot_path_connect_kwargs(db))
+        conn = await asyncpg.connect(**hot_path_connect_kwargs(db, WORKER_KEY))
         try:
             for audited in (True, False):
                 if not audited:

@@ -168,7 +168,12 @@ class Operation:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """One row of ``<schema>.audit_log``: a state change, who made it, when (hashes in hex)."""
+    """One row of ``<schema>.audit_log``: a state change, who made it, when (hashes in hex).
+
+    ``actor`` is who the change was declared to be by (a worker id, an operator's name);
+    ``db_role`` the database role that made it, as the database authenticated it (None on rows
+    written before revision 0010).
+    """
 
     operation_id: int
     seq: int
@@ -178,6 +183,7 @@ class AuditRecord:
     trigger: str
     attempt: int
     actor: str
+    db_role: str | None
     detail: str | None
     recorded_at: datetime
     prev_hash: str | None

@@ -49,8 +49,13 @@ def canonical_encoding(
     actor: str,
     detail: str | None,
     recorded_at: datetime,
+    db_role: str | None = None,
 ) -> bytes:
-    """The bytes an audit row's hash covers (after its ``prev_hash``)."""
+    """The bytes an audit row's hash covers (after its ``prev_hash``).
+
+    ``db_role`` (the database role that made the change) is appended when present: rows written
+    before revision 0010 have none, and their hashes cover exactly what they did then.
+    """
 
     def field(value: str | None) -> str:
         return "~|" if value is None else f"{len(value)}:{value}|"
@@ -68,6 +73,7 @@ def canonical_encoding(
             field(actor),
             field(detail),
             f"{micros}|",
+            "" if db_role is None else field(db_role),
         ]
     ).encode()
 
@@ -85,6 +91,7 @@ def row_hash(prev_hash: bytes | None, row: dict[str, Any]) -> bytes:
         row["actor"],
         row["detail"],
         row["recorded_at"],
+        row["db_role"],
     )
     return hashlib.sha256((prev_hash or b"") + encoded).digest()
 

@@ -153,10 +153,19 @@ def db_check(obj: _Context) -> None:
 @db.command("grant")
 @click.option("--publisher", metavar="ROLE", help="May publish operations, nothing else.")
 @click.option("--worker", metavar="ROLE", help="May run workers (claim, record, rescue).")
+@click.option(
+    "--operator", metavar="ROLE", help="May read everything; retry, cancel, replay, fire, purge."
+)
 @click.option("--auditor", metavar="ROLE", help="May read every pgoutbox table, write none.")
 @click.pass_obj
-def db_grant(obj: _Context, publisher: str | None, worker: str | None, auditor: str | None) -> None:
-    """Grant existing roles only what publishing, running workers or auditing needs.
+def db_grant(
+    obj: _Context,
+    publisher: str | None,
+    worker: str | None,
+    operator: str | None,
+    auditor: str | None,
+) -> None:
+    """Grant existing roles only what publishing, running workers, operating or auditing needs.
 
     Run as the schema owner, again after every upgrade. No role gets write access to the
     audit log."""
@@ -167,7 +176,9 @@ def db_grant(obj: _Context, publisher: str | None, worker: str | None, auditor: 
     settings = obj.database()
     # A RoleError (no such role) ends as one line, exit 2 (pgoutbox/cli_errors.py).
     statements = _run(
-        grant_roles(settings, publisher=publisher, worker=worker, auditor=auditor),
+        grant_roles(
+            settings, publisher=publisher, worker=worker, operator=operator, auditor=auditor
+        ),
         settings=settings,
     )
     for statement in statements:

@@ -102,17 +102,19 @@ async def create_pool(
         min_size=min_size,
         max_size=max_size or settings.pool_size,
         reset=_keep_session,
-        **_with_worker_key(hot_path_connect_kwargs(settings), worker_key),
+        **hot_path_connect_kwargs(settings, worker_key),
     )
     return pool
 
 
-def hot_path_connect_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+def hot_path_connect_kwargs(
+    settings: DatabaseSettings, worker_key: str | None = None
+) -> dict[str, Any]:
     """``settings.connect_kwargs()`` for a connection of the worker's hot path: with
-    HOT_PATH_SETTINGS."""
+    HOT_PATH_SETTINGS, and a worker's key when given."""
     kwargs = settings.connect_kwargs()
     kwargs["server_settings"] = {**kwargs["server_settings"], **HOT_PATH_SETTINGS}
-    return kwargs
+    return _with_worker_key(kwargs, worker_key)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

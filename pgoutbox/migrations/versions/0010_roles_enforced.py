@@ -111,6 +111,9 @@ _CONDITIONS = {
     "is_claim": _eq("NEW.transition", "'claim'"),
     "is_reject": _eq("NEW.transition", "'reject'"),
     "is_lose": _eq("NEW.transition", "'lose'"),
+    "is_protocol": "("
+    + " OR ".join(_eq("NEW.transition", f"'{t}'") for t in ("claim", "reject", "release", "lose"))
+    + ")",
     "is_release_or_lose": "("
     + " OR ".join(_eq("NEW.transition", f"'{t}'") for t in ("release", "lose"))
     + ")",
@@ -168,6 +171,10 @@ def _row_trigger() -> str:
     return body.replace("{hash_of_change}", _HASH_OF_CHANGE)
 
 
+# Each check is one CASE expression, not a chain of IFs: PL/pgSQL evaluates every expression
+# separately, and this function runs for every transition (revision 0009 measured what that
+# costs). The lifecycle lookup of a parking state's timeout, the one expression that reads a
+# table, is evaluated only in its branch.
 ROW_TRIGGER = """
 CREATE OR REPLACE FUNCTION {s}.operations_before_update() RETURNS trigger LANGUAGE plpgsql
     SECURITY INVOKER AS $$
@@ -175,9 +182,10 @@ DECLARE
     at pg_catalog.timestamptz := pg_catalog.clock_timestamp();
     actor pg_catalog.text := coalesce(NEW.transition_actor, current_user);
     role pg_catalog.text := current_user;
-    key pg_catalog.text := pg_catalog.current_setting('pgoutbox.worker_key', true);
-    key_hash pg_catalog.bytea;
-    kind pg_catalog.text := 'worker';
+    -- NULL when the session has no key (the owner's tools, an operator).
+    key_hash pg_catalog.bytea := pg_catalog.sha256(pg_catalog.convert_to(
+        pg_catalog.current_setting('pgoutbox.worker_key', true), 'UTF8'));
+    kind pg_catalog.text;
     bad pg_catalog.text;
 BEGIN
     IF NEW.transition IS NULL THEN
@@ -186,63 +194,48 @@ BEGIN
             USING ERRCODE = 'check_violation',
                   HINT = 'Use pgoutbox''s API (or set operations.transition in the same UPDATE).';
     END IF;
-    IF key IS NOT NULL AND pg_catalog.length(key) OPERATOR(pg_catalog.>) 0 THEN
-        key_hash := pg_catalog.sha256(pg_catalog.convert_to(key, 'UTF8'));
-    END IF;
-
-    IF <is_claim> THEN
-        IF OLD.lease_owner IS NOT NULL THEN
-            bad := 'it is leased to ' OPERATOR(pg_catalog.||) OLD.lease_owner;
-        ELSIF NOT (<claim_counts>) THEN
-            bad := 'a claim adds exactly one to attempts, step_attempts and version';
-        ELSIF NOT (<claim_lease>) THEN
-            bad := 'a claim leases to the claiming worker (transition_actor) until a time after now() and at most a day away';
-        ELSIF NOT (<claim_keeps>) THEN
-            bad := 'a claim leaves run_at, max_attempts, last_error and priority as they are';
+    -- Whose transition this is: a worker's (the protocol's own, a step's result, a parking
+    -- state's timeout fired by a keyed worker) or an operator's (a decision, a fired trigger).
+    kind := CASE
+        WHEN <is_operator_decision> THEN 'operator'
+        WHEN <is_protocol> OR OLD.lease_owner IS NOT NULL OR <keyed_actor> THEN 'worker'
+        ELSE 'operator' END;
+    bad := CASE
+        WHEN <is_claim> THEN CASE
+            WHEN OLD.lease_owner IS NOT NULL THEN 'it is leased to ' OPERATOR(pg_catalog.||) OLD.lease_owner
+            WHEN NOT (<claim_counts>) THEN 'a claim adds exactly one to attempts, step_attempts and version'
+            WHEN NOT (<claim_lease>) THEN 'a claim leases to the claiming worker (transition_actor) until a time after now() and at most a day away'
+            WHEN NOT (<claim_keeps>) THEN 'a claim leaves run_at, max_attempts, last_error and priority as they are'
+            END
+        WHEN <is_reject> THEN CASE
+            WHEN NOT (<reject_keeps>) THEN 'a reject records a refused result and changes nothing else'
+            END
+        WHEN <is_release_or_lose> THEN CASE
+            WHEN OLD.lease_owner IS NULL THEN 'it is not leased'
+            WHEN NOT (<holder> OR (<is_lose> AND <expired>)) THEN
+                'only the lease holder releases a lease, and a lease is lost only once it has expired (at '
+                OPERATOR(pg_catalog.||) OLD.lease_expires_at::pg_catalog.text OPERATOR(pg_catalog.||) ')'
+            WHEN NOT (<ends_lease> AND <keeps_attempts>) THEN
+                'a release or loss ends the lease, adds one to version and leaves attempts alone'
+            END
+        WHEN OLD.lease_owner IS NOT NULL THEN CASE  -- a step's result
+            WHEN NOT <holder> THEN 'only the worker holding its lease (' OPERATOR(pg_catalog.||)
+                OLD.lease_owner OPERATOR(pg_catalog.||) ', with its key) records its result'
+            WHEN <expired> THEN
+                'its lease expired at ' OPERATOR(pg_catalog.||) OLD.lease_expires_at::pg_catalog.text
+            WHEN NOT (<ends_lease> AND <keeps_attempts_only>) THEN
+                'a result ends the lease, adds one to version and leaves attempts alone'
+            END
+        WHEN NOT (<decision_keeps>) THEN
+            'this transition adds at most one to version and leaves attempts and the lease alone'
+        END;
+    IF bad IS NULL AND kind OPERATOR(pg_catalog.=) 'worker' THEN
+        IF NOT <keyed_actor> THEN
+            bad := 'a worker transition''s actor is the worker whose key the session holds (setting pgoutbox.worker_key); '
+                OPERATOR(pg_catalog.||) pg_catalog.quote_literal(actor) OPERATOR(pg_catalog.||) ' is not';
+        ELSIF OLD.lease_owner IS NULL AND NOT <is_protocol> AND NOT <due_timeout> THEN
+            bad := 'a worker moves a parked operation on only by its state''s timeout trigger, once due';
         END IF;
-        NEW.lease_key_hash := key_hash;
-    ELSIF <is_reject> THEN
-        IF NOT (<reject_keeps>) THEN
-            bad := 'a reject records a refused result and changes nothing else';
-        END IF;
-    ELSIF <is_release_or_lose> THEN
-        IF OLD.lease_owner IS NULL THEN
-            bad := 'it is not leased';
-        ELSIF NOT (<holder> OR (<is_lose> AND <expired>)) THEN
-            bad := 'only the lease holder releases a lease, and a lease is lost only once it has expired (at '
-                OPERATOR(pg_catalog.||) OLD.lease_expires_at::pg_catalog.text OPERATOR(pg_catalog.||) ')';
-        ELSIF NOT (<ends_lease> AND <keeps_attempts>) THEN
-            bad := 'a release or loss ends the lease, adds one to version and leaves attempts alone';
-        END IF;
-    ELSIF OLD.lease_owner IS NOT NULL THEN
-        -- A step's result: the holder of the unexpired lease records it, ending the lease.
-        IF NOT <holder> THEN
-            bad := 'only the worker holding its lease (' OPERATOR(pg_catalog.||) OLD.lease_owner
-                OPERATOR(pg_catalog.||) ', with its key) records its result';
-        ELSIF <expired> THEN
-            bad := 'its lease expired at ' OPERATOR(pg_catalog.||) OLD.lease_expires_at::pg_catalog.text;
-        ELSIF NOT (<ends_lease> AND <keeps_attempts_only>) THEN
-            bad := 'a result ends the lease, adds one to version and leaves attempts alone';
-        END IF;
-    ELSE
-        -- An operator's decision, an external trigger fired, or a parking state's timeout: a
-        -- worker (an actor keyed by this session) moves a parked operation on only by its
-        -- state's timeout, once due.
-        kind := 'operator';
-        IF NOT (<is_operator_decision>) AND <keyed_actor> THEN
-            kind := 'worker';
-            IF NOT <due_timeout> THEN
-                bad := 'a worker moves a parked operation on only by its state''s timeout trigger, once due';
-            END IF;
-        END IF;
-        IF bad IS NULL AND NOT (<decision_keeps>) THEN
-            bad := 'this transition adds at most one to version and leaves attempts and the lease alone';
-        END IF;
-    END IF;
-
-    IF bad IS NULL AND kind OPERATOR(pg_catalog.=) 'worker' AND NOT <keyed_actor> THEN
-        bad := 'a worker transition''s actor is the worker whose key the session holds (setting pgoutbox.worker_key); '
-            OPERATOR(pg_catalog.||) pg_catalog.quote_literal(actor) OPERATOR(pg_catalog.||) ' is not';
     END IF;
     IF bad IS NOT NULL AND NOT pg_catalog.pg_has_role(
             (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) TG_RELID),
@@ -250,10 +243,10 @@ BEGIN
         RAISE EXCEPTION 'pgoutbox: operation %: transition "%" by % refused: %', OLD.id, NEW.transition, role, bad
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF NEW.lease_owner IS NULL THEN
-        NEW.lease_key_hash := NULL;
-    END IF;
 
+    NEW.lease_key_hash := CASE WHEN <is_claim> THEN key_hash
+                               WHEN NEW.lease_owner IS NULL THEN NULL
+                               ELSE OLD.lease_key_hash END;
     NEW.audit_seq := OLD.audit_seq OPERATOR(pg_catalog.+) 1;
     NEW.audit_hash := {hash_of_change};
     NEW.updated_at := at;
