@@ -296,7 +296,10 @@ async def test_an_operation_retried_over_a_thousand_times_still_gets_a_capped_ba
     async with WorkflowSystem(router=router, settings=settings):
         row = await wait_for_state(conn, schema, op_id, "failed")
     assert (row["attempts"], row["last_error"]) == (1101, "ValueError: attempt 1101")
-    assert 299.9 < (row["run_at"] - row["updated_at"]).total_seconds() <= 300
+    # run_at is now() (the recording statement's start) + 300 s, updated_at the trigger's
+    # clock_timestamp() a moment later: on a loaded machine that moment is not bounded, so the
+    # lower bound only shows that the cap, not 2^1100 s, was applied.
+    assert 240 < (row["run_at"] - row["updated_at"]).total_seconds() <= 300
 
 
 async def test_an_error_message_postgresql_cannot_store_is_recorded_escaped(
