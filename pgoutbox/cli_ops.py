@@ -693,6 +693,7 @@ def audit_report(
         written = _run(
             obj, lambda admin: _write_report(admin, since, until, operation_types, fmt, sys.stdout)
         )
+        sys.stdout.flush()  # the report before the line saying what it covered, on a terminal too
         click.echo(f"{_count(written.rows, 'audit row')} {written.period()}", err=True)
         return
     # Written beside FILE and renamed once complete: a half-written report never has its name.
