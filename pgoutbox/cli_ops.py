@@ -73,6 +73,7 @@ REPORT_COLUMNS = (
     "to_state",
     "attempt",
     "actor",
+    "db_role",
     "detail",
     "prev_hash",
     "hash",
@@ -241,6 +242,12 @@ def _print_json(value: Any) -> None:
 def _text(value: Any, style: str = "") -> Text:
     """A table cell taken literally (errors and payloads may contain rich markup)."""
     return Text("-" if value is None or value == "" else str(value), style=style)
+
+
+def _actor_and_role(actor: str, db_role: str | None) -> str:
+    """The declared actor, and beneath it the database role that acted when that differs (an
+    operator's name behind a shared role, a worker id): both are in the audit row."""
+    return actor if db_role is None or db_role == actor else f"{actor}\nas {db_role}"
 
 
 def _state(state: str | None) -> Text:
@@ -477,7 +484,7 @@ def _print_detail(console: Console, detail: OperationDetail) -> None:
         "transition",
         "from -> to",
         "attempt",
-        "actor",
+        "actor (as db role)",
         "detail",
     )
     for r in detail.audit:
@@ -487,7 +494,7 @@ def _print_detail(console: Console, detail: OperationDetail) -> None:
             _text(r.trigger),
             _text(f"{r.from_state or '-'} -> {r.to_state}"),
             _text(r.attempt),
-            _text(r.actor),
+            _text(_actor_and_role(r.actor, r.db_role)),
             _text(_first_line(r.detail)),
         )
     console.print(trail)

@@ -71,7 +71,7 @@ async def run_demo(dsn: str | None, console: Console | None = None) -> bool:
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
-            console = Console(width=140)
+            console = Console(width=160)
     with _database(dsn, console) as url:
         db = DatabaseSettings(dsn=url, schema_name=f"pgoutbox_demo_{uuid.uuid4().hex[:6]}")
         try:
@@ -152,8 +152,12 @@ async def _watch(admin: Admin, console: Console) -> None:
 
 async def _trail(admin: Admin, operation_id: int) -> Table:
     table = Table()
-    for column in ("seq", "recorded_at", "transition", "from -> to", "attempt", "actor", "detail"):
+    for column in ("seq", "recorded_at", "transition", "from -> to", "attempt"):
         table.add_column(column)
+    # A worker id (hostname:pid:key fingerprint) is folded onto a second line rather than take
+    # the width of the detail.
+    table.add_column("actor", overflow="fold", max_width=20)
+    table.add_column("detail")
     for row in (await admin.get_operation(operation_id)).audit:
         table.add_row(
             str(row.seq),

@@ -57,6 +57,7 @@ REPORT_COLUMNS = [
     "to_state",
     "attempt",
     "actor",
+    "db_role",
     "detail",
     "prev_hash",
     "hash",
