@@ -303,6 +303,35 @@ async def test_auditor_reads_and_verifies_but_cannot_write_anything(
         await aud.close()
 
 
+async def test_operator_role_runs_the_operator_tools_and_the_audit_names_it(
+    roles: Roles, conn: asyncpg.Connection
+) -> None:
+    s = f'"{roles.base.schema_name}"'
+    ids = await _publish(roles.settings(roles.publisher), 3, "c_ops")
+    operator = roles.settings(roles.operator)
+    base = ("--dsn", dsn_of(operator), "--schema", operator.schema_name)
+    for args in (
+        ("ops", "cancel", str(ids[0]), "--actor", "alice", "--reason", "duplicate order"),
+        ("ops", "replay", str(ids[0]), "--actor", "bob", "--reason", "was not a duplicate"),
+        ("ops", "list"),
+        ("ops", "show", str(ids[1])),
+        ("stats",),
+        ("audit", "report"),
+        ("audit", "verify"),
+    ):
+        proc = await run_cli(*base, *args)
+        assert proc.returncode == 0, (args, proc.stdout + proc.stderr)
+    rows = await conn.fetch(
+        f"SELECT trigger, actor, db_role FROM {s}.audit_log WHERE operation_id = $1 ORDER BY seq",
+        ids[0],
+    )
+    assert [tuple(r.values()) for r in rows] == [
+        ("publish", roles.publisher, roles.publisher),
+        ("cancel", "alice", roles.operator),
+        ("replay", "bob", roles.operator),
+    ]
+
+
 async def test_a_role_granted_nothing_cannot_even_read(roles: Roles) -> None:
     s = f'"{roles.base.schema_name}"'
     outsider = await roles.connect(roles.outsider)
