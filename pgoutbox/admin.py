@@ -28,7 +28,7 @@ import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Final, Literal
 
@@ -878,13 +878,27 @@ def _like_patterns(names: Sequence[str]) -> list[str] | None:
 
 
 async def _resolve(conn: asyncpg.Connection, q: dict[str, Query], when: When) -> datetime:
-    """An absolute time: a timedelta counts back from the database's clock."""
+    """An absolute time: a timedelta counts back from the database's clock. A ValueError names
+    a ``when`` that is no instant a datetime can hold (years 1 to 9999 in UTC), instead of the
+    OverflowError of the arithmetic or of the driver's conversion to UTC."""
     if isinstance(when, datetime):
         if when.tzinfo is None:
             raise ValueError(f"{when!r} has no timezone: pass an aware datetime")
+        try:
+            when.astimezone(UTC)  # as asyncpg sends it: 9999-12-31T23:00-05:00 is past 9999
+        except OverflowError:
+            raise ValueError(
+                f"{when.isoformat()} is out of range: in UTC it is before the year 1 or after 9999"
+            ) from None
         return when
     now: datetime = await q["database_now"].fetchval(conn)
-    return now - when
+    try:
+        return now - when
+    except OverflowError:
+        raise ValueError(
+            f"{when!r} before the database's clock ({now.isoformat()}) is out of range: the "
+            "result must fall in the years 1 to 9999"
+        ) from None
 
 
 async def _resolve_optional(

@@ -1,10 +1,14 @@
 """How the ``pgoutbox`` command reports the failures it expects.
 
 An expected failure -- a database that cannot be reached, invalid settings, a schema not at
-head, no way to start an embedded server, an action a lifecycle refused -- reaches the user as
-one line on standard error, ``Error: <what went wrong and what to do>``, and an exit code: 1
-when a check failed or an action did not happen, 2 for everything else (see docs/cli.md). Any
-other exception is a bug and keeps its traceback.
+head, no way to start an embedded server, an action a lifecycle refused, a role the database
+denies, input the database refuses as invalid -- reaches the user as one line on standard error,
+``Error: <what went wrong and what to do>``, and an exit code: 1 when a check failed or an
+action did not happen (a refusal, a permission denied), 2 for everything else (see
+docs/cli.md). Any other exception is a bug and keeps its traceback.
+
+Values read from the database are shown to people with their control characters escaped
+(:func:`visible`): in tables and in these error lines alike.
 
 :class:`ReportingGroup` is the ``pgoutbox`` group; commands raise :class:`CliError`, or let
 pgoutbox's own exceptions through to it.
@@ -12,6 +16,7 @@ pgoutbox's own exceptions through to it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import asyncpg
@@ -45,6 +50,24 @@ _CONNECT_ERRORS = (
 )
 
 
+# C0 controls, DEL and C1 controls: what a terminal may act on instead of printing (ESC starts
+# a sequence that can clear the screen or recolour what follows; CR and LF can start a fake
+# line). The C1 range matters too: some terminals take U+009B alone as the start of a sequence.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def visible(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1) written as a visible escape --
+    ``\\n``, ``\\r``, ``\\t``, else ``\\x1b`` style -- so that a value from the database (a
+    payload, an error, an actor, an idempotency key) cannot move the cursor, recolour or clear
+    the terminal, or start a line of its own. Everything else, backslashes included, is kept as
+    it is: the function is idempotent, and ordinary text (paths, regexes) reads unchanged."""
+    return _CONTROL.sub(
+        lambda match: _NAMED_CONTROLS.get(match[0], f"\\x{ord(match[0]):02x}"), text
+    )
+
+
 class CliError(click.ClickException):
     """An expected failure of a command: printed as one ``Error: ...`` line on standard error,
     then the command exits 2 (pgoutbox could not be used as configured)."""
@@ -53,8 +76,10 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str) -> None:
         # One line whatever the source: some messages (SQLAlchemy's, PostgreSQL's details)
-        # span several.
-        super().__init__("; ".join(part.strip() for part in message.splitlines() if part.strip()))
+        # span several. Messages quote values from the database (a worker id, a role name, the
+        # server's own text): any control character left is escaped, not sent to the terminal.
+        parts = (part.strip() for part in message.splitlines())
+        super().__init__(visible("; ".join(part for part in parts if part)))
 
 
 class Refused(CliError):
@@ -106,10 +131,22 @@ def as_cli_error(exc: BaseException) -> CliError | None:
 
 
 def database_error(exc: BaseException, settings: DatabaseSettings | None) -> CliError:
-    """The one-line error for a database that could not be reached or used; ``settings`` (if
-    known) say which database was meant, without the password."""
-    if isinstance(exc, DBAPIError) and isinstance(exc.orig, BaseException):
-        exc = exc.orig  # SQLAlchemy's wrapper adds a multi-line preamble; the cause is inside
+    """The one-line error for a database that could not be reached or used, or that refused
+    what the command asked; ``settings`` (if known) say which database was meant, without the
+    password.
+
+    The one place the command line tells a database's errors apart:
+
+    * a schema not at head, a server that cannot be reached: exit 2, saying what to check;
+    * insufficient privilege (SQLSTATE 42501: a missing GRANT, or pgoutbox's triggers refusing
+      a transition to a role not granted its kind): exit 1, naming the command and the role --
+      the database is fine, this role may not do this;
+    * a data exception (class 22, e.g. a value out of range, text that is not valid UTF-8) or a
+      check violation (23514, as pgoutbox's triggers raise for a row they refuse): bad input,
+      exit 2;
+    * anything else: the database is unavailable or not usable, exit 2.
+    """
+    exc = _postgres_error(exc)
     reason = f"{type(exc).__name__}: {exc}"
     where = f" at {describe(settings)}" if settings is not None else ""
     if isinstance(exc, (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError)):
@@ -122,17 +159,82 @@ def database_error(exc: BaseException, settings: DatabaseSettings | None) -> Cli
             f"cannot connect to PostgreSQL{where}: {reason}; check --dsn (or "
             "PGOUTBOX_DATABASE__DSN) and that the server is running and accepts connections"
         )
+    if isinstance(exc, asyncpg.InsufficientPrivilegeError):
+        return Refused(
+            f"permission denied for {_command()}{_on(settings)}: "
+            + _server_message(exc, default_hint=_grant_hint(settings))
+        )
+    if isinstance(exc, (asyncpg.DataError, asyncpg.CheckViolationError)):
+        return CliError(f"invalid input for {_command()}: {_server_message(exc)}")
     return CliError(f"database unavailable or not usable{where}: {reason}")
+
+
+# The commands that change operations: an operator role's (the others of `ops`, `stats`,
+# `workers` and `audit` only read, which an auditor role may).
+_OPERATOR_COMMANDS = frozenset({"ops retry", "ops cancel", "ops replay", "ops fire", "ops purge"})
+
+
+def _grant_hint(settings: DatabaseSettings | None) -> str:
+    """What to do about a plain "permission denied" (a missing GRANT, where the server gives
+    no hint of its own): which ``pgoutbox db grant`` the command needs, for the role used."""
+    command = _command().removeprefix("pgoutbox ")
+    if command.startswith(("db ", "lifecycle register")):
+        return "run it as the role that owns the schema (docs/security.md)"
+    kind = "auditor"
+    if command in _OPERATOR_COMMANDS:
+        kind = "operator"
+    elif command == "worker":
+        kind = "worker"
+    role = settings.user if settings is not None else "ROLE"
+    return f"the schema's owner grants it: pgoutbox db grant --{kind} {role} (docs/security.md)"
+
+
+def _postgres_error(exc: BaseException) -> BaseException:
+    """The database's own error inside SQLAlchemy's wrappers (``db upgrade`` runs through
+    SQLAlchemy): DBAPIError adds a multi-line preamble around the driver's adapted error, whose
+    cause is asyncpg's, with the SQLSTATE class this module tells errors apart by."""
+    if isinstance(exc, DBAPIError) and isinstance(exc.orig, BaseException):
+        exc = exc.orig
+        if isinstance(exc.__cause__, asyncpg.PostgresError):
+            exc = exc.__cause__
+    return exc
+
+
+def _server_message(exc: BaseException, default_hint: str | None = None) -> str:
+    """The server's message without the ``HINT:`` lines asyncpg appends to ``str()``, then
+    the hint on the same line, if the server gave one (else ``default_hint``)."""
+    message = getattr(exc, "message", None) or (str(exc.args[0]) if exc.args else str(exc))
+    hint = getattr(exc, "hint", None) or default_hint
+    return f"{message}; hint: {hint}" if hint else message
+
+
+def _command() -> str:
+    """The command being run, ``pgoutbox ops cancel``, for messages."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.command_path if ctx is not None else "pgoutbox"
+
+
+def _on(settings: DatabaseSettings | None) -> str:
+    """`` in schema S at HOST:PORT (database D) as role R``: where a permission was denied,
+    and to whom (the role is the one connected as: the one to grant to)."""
+    if settings is None:
+        return ""
+    return (
+        f" in schema {settings.schema_name} at {_server(settings)} (database "
+        f"{settings.database}) as role {settings.user}"
+    )
 
 
 def describe(settings: DatabaseSettings) -> str:
     """Which database ``settings`` mean, for messages: ``127.0.0.1:5432 (database app, user
     app)``, or the socket directory for a Unix socket; never the password."""
+    return f"{_server(settings)} (database {settings.database}, user {settings.user})"
+
+
+def _server(settings: DatabaseSettings) -> str:
     if settings.host.startswith("/"):
-        server = f"the Unix socket in {settings.host} (port {settings.port})"
-    else:
-        server = f"{settings.host}:{settings.port}"
-    return f"{server} (database {settings.database}, user {settings.user})"
+        return f"the Unix socket in {settings.host} (port {settings.port})"
+    return f"{settings.host}:{settings.port}"
 
 
 def settings_error(exc: ValidationError | ValueError) -> CliError:

@@ -43,7 +43,7 @@ from pgoutbox.admin import (
     as_json,
 )
 from pgoutbox.audit import AuditVerification
-from pgoutbox.cli_errors import DATABASE_ERRORS, database_error
+from pgoutbox.cli_errors import DATABASE_ERRORS, database_error, visible
 from pgoutbox.lifecycle import DEFAULT_LIFECYCLE
 from pgoutbox.settings import DatabaseSettings
 
@@ -89,9 +89,27 @@ class _HasDatabase(Protocol):
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
+MAX_DURATION = timedelta(days=36525)
+"""The longest duration an option takes: 100 years (``36525d``). Anything longer is a typo, and
+much longer would overflow: Python's timedelta ends at 999999999 days, and a time counted back
+from now must stay after the year 1."""
+_DURATION_RANGE = "durations go from 0s to 36525d (100 years)"
+_TIME_RANGE = (
+    "times go from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z (Python's datetime; "
+    "PostgreSQL's timestamptz holds all of them)"
+)
+# A year of five or more digits, or the year 0: ISO-8601 but no datetime can hold it.
+_YEAR_OUT_OF_RANGE = re.compile(r"[+-]?(?:\d{5,}|0000)-")
 
-def parse_duration(value: str) -> timedelta:
-    """``90s``, ``15m``, ``2h``, ``7d``, ``2w`` (combinable: ``1h30m``) as a timedelta."""
+
+class OutOfRange(ValueError):
+    """A duration or time written correctly but beyond what the options accept: the message
+    names the value and the allowed range."""
+
+
+def parse_duration(value: str, *, positive: bool = False) -> timedelta:
+    """``90s``, ``15m``, ``2h``, ``7d``, ``2w`` (combinable: ``1h30m``) as a timedelta, from 0s
+    (more than 0s when ``positive``) to :data:`MAX_DURATION`."""
     text = value.strip().replace(" ", "")
     parts = _DURATION.findall(text)
     if not text or "".join(n + u for n, u in parts) != text:
@@ -99,22 +117,38 @@ def parse_duration(value: str) -> timedelta:
             f"invalid duration {value!r}: use a number and a unit s, m, h, d or w, e.g. 90s, "
             "15m, 2h, 7d, 1h30m"
         )
-    return timedelta(seconds=sum(float(n) * _UNITS[u] for n, u in parts))
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    # Checked on the float, before timedelta sees it: a long run of digits is inf, which
+    # timedelta refuses with an OverflowError, and a large finite one overflows its days.
+    if not seconds <= MAX_DURATION.total_seconds():
+        raise OutOfRange(f"duration {value!r} is out of range: {_DURATION_RANGE}")
+    duration = timedelta(seconds=seconds)
+    if positive and duration <= timedelta(0):  # 0.0000001s is 0 too: timedelta counts in µs
+        raise OutOfRange(
+            f"duration {value!r} is out of range: this one must be more than 0s and at most "
+            "36525d (100 years)"
+        )
+    return duration
 
 
 def parse_when(value: str) -> When:
     """A point in time: ``now``, a duration meaning that long ago (``7d``: 7 days before the
-    database's clock), or an ISO-8601 date or datetime (UTC unless it has an offset)."""
+    database's clock, at most :data:`MAX_DURATION`), or an ISO-8601 date or datetime (UTC
+    unless it has an offset) that is a valid instant in UTC (years 1 to 9999)."""
     text = value.strip()
     if text == "now":
         return timedelta(0)
     try:
         return parse_duration(text)
+    except OutOfRange:
+        raise
     except ValueError:
         pass
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
+        if _YEAR_OUT_OF_RANGE.match(text):
+            raise OutOfRange(f"time {value!r} is out of range: {_TIME_RANGE}") from None
         raise ValueError(
             f"invalid time {value!r}: use an ISO-8601 date or datetime (2026-11-01, "
             "2026-11-01T12:00:00+01:00; UTC when no offset is given), 'now', or a duration "
@@ -122,7 +156,14 @@ def parse_when(value: str) -> When:
         ) from None
     if len(text) == 10:  # a bare date: midnight UTC
         parsed = datetime.combine(date.fromisoformat(text), datetime.min.time())
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    try:
+        # What the database is sent (asyncpg converts to UTC): 9999-12-31T23:00-05:00 is a
+        # valid datetime whose UTC instant is past the year 9999. Kept with its own offset.
+        parsed.astimezone(UTC)
+    except OverflowError:
+        raise OutOfRange(f"time {value!r} is out of range: {_TIME_RANGE}") from None
+    return parsed
 
 
 def _converter(
@@ -142,8 +183,22 @@ def _converter(
     return convert
 
 
+def _positive_duration(value: str) -> timedelta:
+    return parse_duration(value, positive=True)
+
+
 DURATION: dict[str, Any] = {"metavar": "DURATION", "callback": _converter(parse_duration)}
+POSITIVE_DURATION: dict[str, Any] = {
+    "metavar": "DURATION",
+    "callback": _converter(_positive_duration),
+}
 WHEN: dict[str, Any] = {"metavar": "WHEN", "callback": _converter(parse_when)}
+# Integers as the database stores them: an operation id is a bigint, a LIMIT takes one; a batch
+# size and a number of attempts are integers. Larger ones are a usage error naming the option,
+# instead of an encoding error from the driver.
+OPERATION_ID = click.IntRange(min=1, max=2**63 - 1)
+BIGINT_COUNT = click.IntRange(min=1, max=2**63 - 1)
+INT_COUNT = click.IntRange(min=1, max=2**31 - 1)
 
 
 def _check_states(
@@ -186,7 +241,7 @@ def _action_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         callback=_check_actor,
         help="Who acts, recorded in the audit trail (default: the OS user).",
     )(fn)
-    return click.argument("ids", nargs=-1, required=True, type=click.IntRange(min=1))(fn)
+    return click.argument("ids", nargs=-1, required=True, type=OPERATION_ID)(fn)
 
 
 # -- running and printing --------------------------------------------------------------------
@@ -240,14 +295,20 @@ def _print_json(value: Any) -> None:
 
 
 def _text(value: Any, style: str = "") -> Text:
-    """A table cell taken literally (errors and payloads may contain rich markup)."""
-    return Text("-" if value is None or value == "" else str(value), style=style)
+    """A table cell, the one way a value from the database reaches a table: taken literally
+    (errors and payloads may contain rich markup) and with its control characters escaped
+    (:func:`visible`: a payload's ``\\x1b[2J`` or ``\\r\\n`` is shown, not obeyed). A cell
+    spans several lines only where the command puts them (:func:`_actor_and_role`)."""
+    return Text("-" if value is None or value == "" else visible(str(value)), style=style)
 
 
-def _actor_and_role(actor: str, db_role: str | None) -> str:
+def _actor_and_role(actor: str, db_role: str | None) -> Text:
     """The declared actor, and beneath it the database role that acted when that differs (an
-    operator's name behind a shared role, a worker id): both are in the audit row."""
-    return actor if db_role is None or db_role == actor else f"{actor}\nas {db_role}"
+    operator's name behind a shared role, a worker id): both are in the audit row. The line
+    break is the command's; each name is a cell of its own (:func:`_text`)."""
+    if db_role is None or db_role == actor:
+        return _text(actor)
+    return Text("\n").join([_text(actor), _text(f"as {db_role}")])
 
 
 def _state(state: str | None) -> Text:
@@ -282,10 +343,11 @@ def _count(n: int, noun: str) -> str:
 
 
 def shorten(text: str, limit: int) -> str:
-    """The first line of ``text``, at most ``limit`` characters: when longer, cut after the last
-    whole word that fits and ended with ``…``, so a reader sees it goes on (a single word
-    longer than the limit is cut inside)."""
-    line = text.split("\n", 1)[0]
+    """The first line of ``text``, its control characters escaped (:func:`visible`), at most
+    ``limit`` characters: when longer, cut after the last whole word that fits and ended with
+    ``…``, so a reader sees it goes on (a single word longer than the limit is cut inside)."""
+    # Escaped before measuring: the limit is what the column shows.
+    line = visible(text.split("\n", 1)[0])
     if len(line) <= limit:
         return line
     cut = line[: limit - 1]  # room for the ellipsis
@@ -303,9 +365,9 @@ def _report_actions(results: list[ActionResult], as_json_: bool) -> None:
         _print_json(results)
     else:
         for result in results:
-            click.echo(
-                result.message if result.ok else f"Error: {result.message}", err=not result.ok
-            )
+            # A message may quote the database (the worker holding a lease).
+            message = visible(result.message)
+            click.echo(message if result.ok else f"Error: {message}", err=not result.ok)
     if not all(result.ok for result in results):
         sys.exit(1)
 
@@ -351,12 +413,12 @@ def ops() -> None:
 )
 @click.option(
     "--live-within",
-    **DURATION,
+    **POSITIVE_DURATION,
     default="30s",
     show_default=True,
     help="A worker is live if its heartbeat is this recent.",
 )
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=BIGINT_COUNT, default=100, show_default=True)
 @click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
 def ops_list(
@@ -409,7 +471,7 @@ def ops_list(
 
 
 @ops.command("show")
-@click.argument("operation_id", type=click.IntRange(min=1))
+@click.argument("operation_id", type=OPERATION_ID)
 @click.option("--json", "as_json_", is_flag=True, help="Print JSON instead of tables.")
 @click.pass_obj
 def ops_show(obj: _HasDatabase, operation_id: int, as_json_: bool) -> None:
@@ -446,7 +508,7 @@ def _print_detail(console: Console, detail: OperationDetail) -> None:
             ("attempts", _text(_attempts_text(op.attempts, op.max_attempts))),
             ("priority", _text(op.priority)),
             ("run_at", _time(op.run_at, ms=True)),
-            ("created", Text.assemble(_time(op.created_at, ms=True), f" by {op.created_by}")),
+            ("created", Text.assemble(_time(op.created_at, ms=True), " by ", _text(op.created_by))),
             ("updated", _time(op.updated_at, ms=True)),
             ("idempotency key", _text(op.idempotency_key)),
             ("lease", _text(op.lease_owner and f"{op.lease_owner} until {op.lease_expires_at}")),
@@ -494,7 +556,7 @@ def _print_detail(console: Console, detail: OperationDetail) -> None:
             _text(r.trigger),
             _text(f"{r.from_state or '-'} -> {r.to_state}"),
             _text(r.attempt),
-            _text(_actor_and_role(r.actor, r.db_role)),
+            _actor_and_role(r.actor, r.db_role),
             _text(_first_line(r.detail)),
         )
     console.print(trail)
@@ -528,7 +590,7 @@ def ops_cancel(
 @click.option(
     "--attempts",
     "extra_attempts",
-    type=click.IntRange(min=1),
+    type=INT_COUNT,
     default=1,
     show_default=True,
     help="How many more attempts it gets (max_attempts = attempts + N).",
@@ -553,7 +615,7 @@ def ops_replay(
 
 
 @ops.command("fire")
-@click.argument("operation_id", type=click.IntRange(min=1))
+@click.argument("operation_id", type=OPERATION_ID)
 @click.argument("trigger")
 @click.option(
     "--actor",
@@ -580,8 +642,10 @@ def ops_fire(
         _print_json(fired)
     else:
         click.echo(
-            f"operation {fired.operation_id}: {fired.from_state} -> {fired.to_state} "
-            f"({fired.trigger}, by {fired.actor})"
+            visible(
+                f"operation {fired.operation_id}: {fired.from_state} -> {fired.to_state} "
+                f"({fired.trigger}, by {fired.actor})"
+            )
         )
 
 
@@ -595,7 +659,7 @@ def ops_fire(
 @click.option("--include-dead", is_flag=True, help="Delete dead operations too (kept otherwise).")
 @click.option(
     "--batch-size",
-    type=click.IntRange(min=1),
+    type=INT_COUNT,
     default=PURGE_BATCH_SIZE,
     show_default=True,
     help="Operations deleted per transaction.",
@@ -644,16 +708,19 @@ def ops_purge(
         _print_json({"dry_run": False, **as_json(result)})
         return
     click.echo(
-        f"purge {result.purge_id} by {result.actor}: deleted "
-        f"{_count(result.deleted, 'operation')}{_by_state(result.counts)} in "
-        f"{_count(result.batches, 'batch')}; their audit rows are kept"
+        visible(
+            f"purge {result.purge_id} by {result.actor}: deleted "
+            f"{_count(result.deleted, 'operation')}{_by_state(result.counts)} in "
+            f"{_count(result.batches, 'batch')}; their audit rows are kept"
+        )
     )
 
 
 def _by_state(counts: dict[str, int]) -> str:
     if not counts:
         return ""
-    return " (" + ", ".join(f"{state}: {n}" for state, n in sorted(counts.items())) + ")"
+    states = ", ".join(f"{visible(state)}: {n}" for state, n in sorted(counts.items()))
+    return f" ({states})"
 
 
 # -- audit report / verify -------------------------------------------------------------------
@@ -759,13 +826,29 @@ async def _write_report(
     async for record in admin.report(since_at, until_at, operation_types):
         row = as_json(record)
         if writer is not None:
-            writer.writerow({column: row[column] for column in REPORT_COLUMNS})
+            writer.writerow({column: csv_cell(row[column]) for column in REPORT_COLUMNS})
         else:
             out.write(("," if count else "") + "\n  " + json.dumps(row, ensure_ascii=False))
         count += 1
     if writer is None:
         out.write("\n]\n" if count else "]\n")
     return _Written(count, since_at, until_at)
+
+
+# The first characters OWASP ("CSV Injection") lists as making a spreadsheet evaluate a cell:
+# `=`, `+`, `-`, `@`, and tab and carriage return, which some spreadsheets skip before a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> str:
+    """One cell of ``audit report --format csv``: the value as text (empty for NULL), with a
+    single quote before it when it starts like a formula, so that a spreadsheet opening the
+    report shows ``=HYPERLINK(...)`` from an actor or a detail instead of evaluating it. The
+    report's own columns never start so (ids, counts and hashes are digits, times ISO-8601,
+    states and triggers lower-case names): only names and text that people and processes chose
+    (an actor, a role name, a detail) can be prefixed -- an ``--actor -x`` is written ``'-x``."""
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_START) else text
 
 
 async def verify_with_progress(admin: Admin) -> AuditVerification:
@@ -863,7 +946,7 @@ def _print_stats(console: Console, result: Stats) -> None:
 @click.command()
 @click.option(
     "--live-within",
-    **DURATION,
+    **POSITIVE_DURATION,
     default="30s",
     show_default=True,
     help="A worker is live if its heartbeat is this recent.",

@@ -19,9 +19,11 @@ import asyncpg
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from pgoutbox.admin import Admin
 from pgoutbox.audit import verify
+from pgoutbox.cli_errors import visible
 from pgoutbox.cli_ops import STATE_STYLE, shorten
 from pgoutbox.context import HandlerContext
 from pgoutbox.db import DatabaseSessionManager
@@ -136,13 +138,14 @@ async def _watch(admin: Admin, console: Console) -> None:
             for column in ("id", "type", "state", "attempts", "last error"):
                 table.add_column(column)
             for op in operations:
-                style = STATE_STYLE.get(op.state, "")
+                # Cells from the database as Text: taken literally (an error may look like
+                # markup) and with control characters escaped, as in `pgoutbox ops list`.
                 table.add_row(
                     str(op.id),
-                    op.operation_type,
-                    f"[{style}]{op.state}[/]",
+                    Text(visible(op.operation_type)),
+                    Text(visible(op.state), style=STATE_STYLE.get(op.state, "")),
                     str(op.attempts),
-                    shorten(op.last_error or "", 60),
+                    Text(shorten(op.last_error or "", 60)),
                 )
             live.update(table)
             if all(op.state in FINISHED_STATES for op in operations):
@@ -162,10 +165,10 @@ async def _trail(admin: Admin, operation_id: int) -> Table:
         table.add_row(
             str(row.seq),
             row.recorded_at.strftime("%H:%M:%S.%f")[:-3],
-            row.trigger,
-            f"{row.from_state or '-'} -> {row.to_state}",
+            Text(visible(row.trigger)),
+            Text(visible(f"{row.from_state or '-'} -> {row.to_state}")),
             str(row.attempt),
-            row.actor,
-            shorten(row.detail or "", 50),
+            Text(visible(row.actor)),
+            Text(shorten(row.detail or "", 50)),
         )
     return table

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -614,6 +614,26 @@ async def test_results_serialise_to_json_with_iso_timestamps(admin: Admin, world
 async def test_naive_datetimes_are_refused(admin: Admin) -> None:
     with pytest.raises(ValueError, match="no timezone"):
         await admin.list_operations(OperationFilter(since=datetime(2026, 1, 1)))
+
+
+async def test_times_no_datetime_can_hold_are_refused_with_a_value_error(
+    admin: Admin, world: World
+) -> None:
+    op_id = await world.make("cancel")
+    # Counted back from now past the year 1, forward past 9999, and a valid datetime whose UTC
+    # instant is past 9999: an OverflowError from the arithmetic or asyncpg's encoding before.
+    for when in (
+        timedelta(days=999_999_999),
+        timedelta(days=-3_000_000),
+        datetime(9999, 12, 31, 23, tzinfo=timezone(timedelta(hours=-5))),
+    ):
+        with pytest.raises(ValueError, match="is out of range"):
+            await admin.resolve(when)
+        with pytest.raises(ValueError, match="is out of range"):
+            await admin.purge(when, actor="retention-job")
+    # Nothing was purged, and no purge recorded: the time is resolved before anything is written.
+    assert await world.conn.fetchval(f"SELECT count(*) FROM {world.s}.purges") == 0
+    assert (await world.row(op_id))["state"] == "cancelled"
 
 
 async def test_using_a_closed_admin_says_how_to_open_it(db_settings: DatabaseSettings) -> None:
