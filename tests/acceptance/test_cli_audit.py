@@ -3,41 +3,12 @@ environment variables."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
 import asyncpg
 import pytest
+from clikit import PGOUTBOX, run_pgoutbox
 
 from pgoutbox import DatabaseSessionManager, publish_operation
 from pgoutbox.settings import DatabaseSettings
-
-PGOUTBOX = Path(sys.executable).parent / "pgoutbox"
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def _pgoutbox(*args: str, dsn: str, schema: str) -> Completed:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PGOUTBOX_")}
-    env.update(PGOUTBOX_DATABASE__DSN=dsn, PGOUTBOX_DATABASE__SCHEMA=schema)
-    process = await asyncio.create_subprocess_exec(
-        str(PGOUTBOX),
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-    assert process.returncode is not None
-    return Completed(process.returncode, stdout.decode(), stderr.decode())
 
 
 @pytest.fixture
@@ -66,7 +37,7 @@ def test_console_script_is_installed() -> None:
 async def test_audit_verify_exits_0_and_says_ok_on_a_clean_log(
     database_dsn: str, db_settings: DatabaseSettings, operations: list[int]
 ) -> None:
-    result = await _pgoutbox("audit", "verify", dsn=database_dsn, schema=db_settings.schema_name)
+    result = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema=db_settings.schema_name)
 
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout == "OK: 5 audit rows of 3 operations verified\n"
@@ -75,7 +46,7 @@ async def test_audit_verify_exits_0_and_says_ok_on_a_clean_log(
 async def test_audit_verify_exits_0_on_an_empty_log(
     database_dsn: str, db_settings: DatabaseSettings
 ) -> None:
-    result = await _pgoutbox("audit", "verify", dsn=database_dsn, schema=db_settings.schema_name)
+    result = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema=db_settings.schema_name)
 
     assert result.returncode == 0
     assert result.stdout.startswith("OK: 0 audit rows")
@@ -95,7 +66,7 @@ async def test_audit_verify_exits_1_naming_the_tampered_operation_and_seq(
             middle,
         )
 
-    result = await _pgoutbox("audit", "verify", dsn=database_dsn, schema=db_settings.schema_name)
+    result = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema=db_settings.schema_name)
 
     assert result.returncode == 1
     assert result.stdout == ""
@@ -106,7 +77,7 @@ async def test_audit_verify_exits_1_naming_the_tampered_operation_and_seq(
 async def test_schema_option_overrides_the_environment(
     database_dsn: str, db_settings: DatabaseSettings, operations: list[int]
 ) -> None:
-    result = await _pgoutbox(
+    result = await run_pgoutbox(
         "--schema",
         db_settings.schema_name,
         "audit",
@@ -120,7 +91,7 @@ async def test_schema_option_overrides_the_environment(
 
 
 async def test_invalid_schema_setting_is_a_usage_error_naming_it(database_dsn: str) -> None:
-    result = await _pgoutbox("audit", "verify", dsn=database_dsn, schema="x;drop")
+    result = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema="x;drop")
 
     assert result.returncode == 2
     assert "invalid schema name 'x;drop'" in result.stderr

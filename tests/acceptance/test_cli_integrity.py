@@ -4,60 +4,30 @@ installed console script, configured by environment variables."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 import pytest
+from clikit import run_command, run_pgoutbox
 
 from pgoutbox import DatabaseSessionManager, publish_operation
 from pgoutbox.roles import grant_roles
 from pgoutbox.settings import DatabaseSettings
-
-PGOUTBOX = Path(sys.executable).parent / "pgoutbox"
-
-
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def _run(*argv: str, dsn: str, schema: str) -> Completed:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PGOUTBOX_")}
-    env.update(PGOUTBOX_DATABASE__DSN=dsn, PGOUTBOX_DATABASE__SCHEMA=schema)
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=120)
-    assert process.returncode is not None
-    return Completed(process.returncode, stdout.decode(), stderr.decode())
-
-
-async def _pgoutbox(*args: str, dsn: str, schema: str) -> Completed:
-    return await _run(str(PGOUTBOX), *args, dsn=dsn, schema=schema)
 
 
 async def test_db_check_fails_naming_an_origin_only_trigger_and_passes_once_fixed(
     database_dsn: str, db_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
     schema = db_settings.schema_name
-    ok = await _pgoutbox("db", "check", dsn=database_dsn, schema=schema)
+    ok = await run_pgoutbox("db", "check", dsn=database_dsn, schema=schema)
     assert (ok.returncode, ok.stderr) == (0, ""), ok.stderr
     assert ok.stdout.startswith(f"schema {schema} is at head ")
 
     await conn.execute(f'ALTER TABLE "{schema}".audit_log DISABLE TRIGGER USER')
     await conn.execute(f'ALTER TABLE "{schema}".audit_log ENABLE TRIGGER USER')
-    failed = await _pgoutbox("db", "check", dsn=database_dsn, schema=schema)
+    failed = await run_pgoutbox("db", "check", dsn=database_dsn, schema=schema)
 
     assert failed.returncode == 1
     assert failed.stdout == ""
@@ -72,7 +42,7 @@ async def test_db_check_fails_naming_an_origin_only_trigger_and_passes_once_fixe
 
     for line in lines[:2]:
         await conn.execute(line.split(": run ", 1)[1])
-    fixed = await _pgoutbox("db", "check", dsn=database_dsn, schema=schema)
+    fixed = await run_pgoutbox("db", "check", dsn=database_dsn, schema=schema)
     assert (fixed.returncode, fixed.stderr) == (0, "")
 
 
@@ -85,7 +55,7 @@ async def test_db_check_names_a_weaker_function_body(
         "LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$"
     )
 
-    failed = await _pgoutbox("db", "check", dsn=database_dsn, schema=schema)
+    failed = await run_pgoutbox("db", "check", dsn=database_dsn, schema=schema)
 
     assert failed.returncode == 1
     assert failed.stderr.startswith(
@@ -110,7 +80,7 @@ async def test_audit_verify_fails_naming_a_weakened_function_and_passes_once_res
     schema = db_settings.schema_name
     await conn.execute(f'ALTER FUNCTION "{schema}".operations_after_insert() SECURITY INVOKER')
 
-    failed = await _pgoutbox("audit", "verify", dsn=database_dsn, schema=schema)
+    failed = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema=schema)
 
     assert failed.returncode == 1
     assert failed.stdout == ""
@@ -121,7 +91,7 @@ async def test_audit_verify_fails_naming_a_weakened_function_and_passes_once_res
     assert len(failed.stderr.splitlines()) == 1
 
     await conn.execute(f'ALTER FUNCTION "{schema}".operations_after_insert() SECURITY DEFINER')
-    ok = await _pgoutbox("audit", "verify", dsn=database_dsn, schema=schema)
+    ok = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema=schema)
     assert (ok.returncode, ok.stdout) == (0, "OK: 1 audit rows of 1 operations verified\n")
 
 
@@ -132,7 +102,7 @@ async def test_audit_verify_names_a_broken_chain_first_then_the_dropped_trigger(
     await conn.execute(f'DROP TRIGGER audit_log_append_only ON "{schema}".audit_log')
     await conn.execute(f"UPDATE \"{schema}\".audit_log SET actor = 'nobody'")
 
-    failed = await _pgoutbox("audit", "verify", dsn=database_dsn, schema=schema)
+    failed = await run_pgoutbox("audit", "verify", dsn=database_dsn, schema=schema)
 
     assert failed.returncode == 1
     assert failed.stderr.splitlines()[0].startswith(f"FAILED: operation {published} seq 1: ")
@@ -175,7 +145,7 @@ async def test_the_auditor_role_sees_an_extra_trigger(
     )
 
     for command in (("audit", "verify"), ("db", "check")):
-        failed = await _pgoutbox(*command, dsn=dsn, schema=schema)
+        failed = await run_pgoutbox(*command, dsn=dsn, schema=schema)
         assert failed.returncode == 1, (command, failed.stdout, failed.stderr)
         assert failed.stderr.startswith(
             f"FAILED: unexpected trigger z_quiet on {schema}.operations (revision "
@@ -183,7 +153,7 @@ async def test_the_auditor_role_sees_an_extra_trigger(
 
 
 async def test_the_manifest_command_says_the_shipped_file_is_up_to_date(database_dsn: str) -> None:
-    result = await _run(
+    result = await run_command(
         sys.executable, "-m", "pgoutbox.integrity", "--check", database_dsn, dsn="", schema=""
     )
 

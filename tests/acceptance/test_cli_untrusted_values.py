@@ -11,23 +11,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
-import os
-import sys
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
+from clikit import Completed, run_pgoutbox
 
 from pgoutbox import DatabaseSessionManager, publish_operation
 from pgoutbox.settings import DatabaseSettings
 
-PGOUTBOX = Path(sys.executable).parent / "pgoutbox"
 # What a hostile publisher or handler puts in a value: a colour, a fake line, a bell, a screen
 # clear, and a C1 control (CSI on terminals that take it alone).
 HOSTILE = "\x1b[31mred\r\nFAKE LINE\x07\x1b[2J\x9b"
@@ -35,35 +30,14 @@ SHOWN = "\\x1b[31mred\\r\\nFAKE LINE\\x07\\x1b[2J\\x9b"
 RAW_CONTROLS = ("\x1b", "\r", "\x07", "\x9b")
 
 
-@dataclass(frozen=True)
-class Completed:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
 class Cli:
-    """The console script against the test schema, settings from the environment."""
+    """The console script against the test schema, wide enough that cells are not wrapped."""
 
     def __init__(self, dsn: str, schema: str) -> None:
         self.dsn, self.schema = dsn, schema
 
     async def __call__(self, *args: str) -> Completed:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PGOUTBOX_")}
-        env.update(
-            PGOUTBOX_DATABASE__DSN=self.dsn, PGOUTBOX_DATABASE__SCHEMA=self.schema, COLUMNS="200"
-        )
-        process = await asyncio.create_subprocess_exec(
-            str(PGOUTBOX),
-            *args,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=60)
-        assert process.returncode is not None
-        # Decoded without newline translation: a raw CR in the output reaches the assertions.
-        return Completed(process.returncode, stdout.decode(), stderr.decode())
+        return await run_pgoutbox(*args, dsn=self.dsn, schema=self.schema, COLUMNS="200")
 
 
 @pytest.fixture
