@@ -99,6 +99,22 @@ async def sm(db_settings: DatabaseSettings) -> AsyncIterator[DatabaseSessionMana
     await manager.close()
 
 
+@pytest.fixture
+async def auditor(db_settings: DatabaseSettings, conn: asyncpg.Connection) -> AsyncIterator[str]:
+    """A LOGIN role (no password: the test servers trust local connections) granted only what
+    ``pgoutbox db grant --auditor`` grants; dropped with its grants at teardown."""
+    from pgoutbox.roles import grant_roles
+
+    name = _unique("auditor")
+    await conn.execute(f'CREATE ROLE "{name}" LOGIN')
+    try:
+        await grant_roles(db_settings, auditor=name)
+        yield name
+    finally:
+        await conn.execute(f'DROP OWNED BY "{name}"')
+        await conn.execute(f'DROP ROLE "{name}"')
+
+
 UnauditedUpdate = Callable[..., Awaitable[None]]
 
 

@@ -5,15 +5,12 @@ installed console script, configured by environment variables."""
 from __future__ import annotations
 
 import sys
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from clikit import run_command, run_pgoutbox
 
 from pgoutbox import DatabaseSessionManager, publish_operation
-from pgoutbox.roles import grant_roles
 from pgoutbox.settings import DatabaseSettings
 
 
@@ -109,19 +106,6 @@ async def test_audit_verify_names_a_broken_chain_first_then_the_dropped_trigger(
     assert failed.stderr.splitlines()[1].startswith(
         f"FAILED: trigger audit_log_append_only on {schema}.audit_log is missing (revision "
     )
-
-
-@pytest.fixture
-async def auditor(db_settings: DatabaseSettings, conn: asyncpg.Connection) -> AsyncIterator[str]:
-    """A login role granted only what ``pgoutbox db grant --auditor`` grants."""
-    name = f"cli_auditor_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f'CREATE ROLE "{name}" LOGIN')
-    try:
-        await grant_roles(db_settings, auditor=name)
-        yield name
-    finally:
-        await conn.execute(f'DROP OWNED BY "{name}"')
-        await conn.execute(f'DROP ROLE "{name}"')
 
 
 async def test_the_auditor_role_sees_an_extra_trigger(

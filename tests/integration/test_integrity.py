@@ -25,7 +25,6 @@ from pgoutbox.integrity import (
     parse_manifest,
     read_schema_state,
 )
-from pgoutbox.roles import grant_roles
 from pgoutbox.settings import DatabaseSettings
 
 
@@ -342,19 +341,6 @@ async def test_audit_verification_fails_naming_each_problem(
     assert result.failures() == [str(result.integrity[0])]
     assert "operations_after_update() differs" in result.failures()[0]
     assert not (await verify(db_settings)).ok
-
-
-@pytest.fixture
-async def auditor(db_settings: DatabaseSettings, conn: asyncpg.Connection) -> AsyncIterator[str]:
-    """A login role granted only what ``pgoutbox db grant --auditor`` grants."""
-    name = f"integrity_auditor_{uuid.uuid4().hex[:8]}"
-    await conn.execute(f'CREATE ROLE "{name}" LOGIN')
-    try:
-        await grant_roles(db_settings, auditor=name)
-        yield name
-    finally:
-        await conn.execute(f'DROP OWNED BY "{name}"')
-        await conn.execute(f'DROP ROLE "{name}"')
 
 
 async def test_the_auditor_role_can_run_the_check(
