@@ -23,6 +23,7 @@ import asyncpg
 from pgoutbox.migrations import VERSION_TABLE, quote_schema
 from pgoutbox.schema import build_metadata
 from pgoutbox.settings import DatabaseSettings
+from pgoutbox.sql import queries
 
 KINDS = ("publisher", "worker", "operator", "auditor")
 
@@ -139,19 +140,13 @@ async def grant_roles(
             "SELECT to_regclass($1) IS NOT NULL", f"{s}.{VERSION_TABLE}"
         )
         grants = grant_statements(settings.schema_name, with_version_table=has_version_table)
+        q = queries(settings.schema_name)
         done: list[str] = []
         async with conn.transaction():
             for kind, role in wanted.items():
-                await conn.execute(
-                    f"INSERT INTO {s}.role_grants (role, kind) VALUES ($1, $2) "
-                    "ON CONFLICT DO NOTHING",
-                    role,
-                    kind,
-                )
+                await q["role_grants_add"].execute(conn, role=role, kind=kind)
             for role in sorted(set(wanted.values())):
-                kinds = await conn.fetch(
-                    f"SELECT kind FROM {s}.role_grants WHERE role = $1 ORDER BY kind", role
-                )
+                kinds = await q["role_grants_kinds"].fetch(conn, role=role)
                 statements = [f"REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {{role}}"]
                 for row in kinds:
                     statements += [g for g in getattr(grants, row["kind"]) if g not in statements]

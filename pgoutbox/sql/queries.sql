@@ -580,6 +580,14 @@ SELECT w.id, w.hostname, w.pid, w.channel, w.operation_types, w.started_at, w.he
 FROM {s}.workers w
 ORDER BY w.channel, w.started_at, w.id;
 
+-- name: role_grants_add
+-- Record that a role acts as a kind (pgoutbox db grant); the audit trigger reads these.
+INSERT INTO {s}.role_grants (role, kind) VALUES (:role, :kind) ON CONFLICT DO NOTHING;
+
+-- name: role_grants_kinds
+-- Every kind a role has been granted, this time and before.
+SELECT kind FROM {s}.role_grants WHERE role = :role ORDER BY kind;
+
 -- name: operations_count_purgeable
 -- What a purge would delete: finished operations in these states, finished before a time.
 SELECT state, count(*) AS operations
