@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from pgoutbox.db import WORKER_KEY_SETTING
 from pgoutbox.settings import DatabaseSettings
 
 ROLE_PASSWORD = "pgoutbox-fault-suite"  # ignored under trust auth, used under md5/scram
@@ -82,8 +83,17 @@ class Roles:
             schema=self.base.schema_name,
         )
 
-    async def connect(self, role: str) -> asyncpg.Connection:
-        return await asyncpg.connect(**self.settings(role).connect_kwargs())
+    @property
+    def s(self) -> str:
+        """The test schema, quoted for SQL."""
+        return f'"{self.base.schema_name}"'
+
+    async def connect(self, role: str, worker_key: str | None = None) -> asyncpg.Connection:
+        """A connection as ``role``; with ``worker_key``, one a worker process would make."""
+        kwargs = self.settings(role).connect_kwargs()
+        if worker_key is not None:
+            kwargs["server_settings"][WORKER_KEY_SETTING] = worker_key
+        return await asyncpg.connect(**kwargs)
 
 
 # -- supervised worker processes ---------------------------------------------------------------

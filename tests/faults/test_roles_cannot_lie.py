@@ -11,54 +11,20 @@ the protocol.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import pytest
-from faultkit import ROLE_PASSWORD, run_cli
+from faultkit import Roles
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgoutbox.audit import verify_chains
-from pgoutbox.db import WORKER_KEY_SETTING, new_worker_key, worker_key_fingerprint
-from pgoutbox.settings import DatabaseSettings
+from pgoutbox.db import new_worker_key, worker_key_fingerprint
 
 REFUSED = (asyncpg.InsufficientPrivilegeError, asyncpg.CheckViolationError)
-
-
-@dataclass
-class Crew:
-    """One LOGIN role per kind, and the schema they work on."""
-
-    publisher: str
-    worker: str
-    operator: str
-    auditor: str
-    base: DatabaseSettings
-
-    @property
-    def s(self) -> str:
-        return f'"{self.base.schema_name}"'
-
-    async def connect(self, role: str, worker_key: str | None = None) -> asyncpg.Connection:
-        settings = DatabaseSettings(
-            host=self.base.host,
-            port=self.base.port,
-            database=self.base.database,
-            user=role,
-            password=ROLE_PASSWORD,
-            schema=self.base.schema_name,
-        )
-        kwargs = settings.connect_kwargs()
-        if worker_key is not None:
-            kwargs["server_settings"] = {
-                **kwargs["server_settings"],
-                WORKER_KEY_SETTING: worker_key,
-            }
-        return await asyncpg.connect(**kwargs)
 
 
 @dataclass
@@ -104,31 +70,13 @@ class Worker:
 
 
 @pytest.fixture
-async def crew(db_settings: DatabaseSettings, conn: asyncpg.Connection) -> AsyncIterator[Crew]:
-    """Four fresh LOGIN roles, granted through the CLI; dropped at teardown."""
-    tag = uuid.uuid4().hex[:8]
-    kinds = ("publisher", "worker", "operator", "auditor")
-    names = {kind: f"lie_{kind}_{tag}" for kind in kinds}
-    for name in names.values():
-        await conn.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD '{ROLE_PASSWORD}'")
-    try:
-        proc = await run_cli(
-            "--dsn", db_settings.dsn or "", "--schema", db_settings.schema_name, "db", "grant",
-            *(arg for kind in kinds for arg in (f"--{kind}", names[kind])),
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield Crew(**names, base=db_settings)
-    finally:
-        for name in names.values():
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1", name
-            )
-            await conn.execute(f'DROP OWNED BY "{name}"')
-            await conn.execute(f'DROP ROLE "{name}"')
+def crew(roles: Roles) -> Roles:
+    """The test's LOGIN roles (tests/faults/conftest.py), one per kind, granted by the CLI."""
+    return roles
 
 
 @pytest.fixture
-async def workers(crew: Crew) -> AsyncIterator[tuple[Worker, Worker]]:
+async def workers(crew: Roles) -> AsyncIterator[tuple[Worker, Worker]]:
     """Two live workers, both of the worker role, each with its own key."""
     made = []
     for name in ("host-a:1", "host-b:2"):
@@ -140,7 +88,7 @@ async def workers(crew: Crew) -> AsyncIterator[tuple[Worker, Worker]]:
         await worker.conn.close()
 
 
-async def _publish(crew: Crew, n: int = 1) -> list[int]:
+async def _publish(crew: Roles, n: int = 1) -> list[int]:
     pub = await crew.connect(crew.publisher)
     try:
         return [
@@ -154,7 +102,7 @@ async def _publish(crew: Crew, n: int = 1) -> list[int]:
         await pub.close()
 
 
-async def _snapshot(conn: asyncpg.Connection, crew: Crew) -> list[tuple[Any, ...]]:
+async def _snapshot(conn: asyncpg.Connection, crew: Roles) -> list[tuple[Any, ...]]:
     """Every operation and audit row, as the owner sees them."""
     ops = await conn.fetch(f"SELECT * FROM {crew.s}.operations ORDER BY id")
     audit = await conn.fetch(f"SELECT * FROM {crew.s}.audit_log ORDER BY operation_id, seq")
@@ -162,7 +110,7 @@ async def _snapshot(conn: asyncpg.Connection, crew: Crew) -> list[tuple[Any, ...
 
 
 async def _refused(
-    conn: asyncpg.Connection, crew: Crew, attempt: Any, match: str | None = None
+    conn: asyncpg.Connection, crew: Roles, attempt: Any, match: str | None = None
 ) -> str:
     """Run ``attempt`` expecting the database to refuse it, leaving everything as it was."""
     before = await _snapshot(conn, crew)
@@ -172,7 +120,7 @@ async def _refused(
     return str(excinfo.value)
 
 
-async def _trail(conn: asyncpg.Connection, crew: Crew, op_id: int) -> list[tuple[Any, ...]]:
+async def _trail(conn: asyncpg.Connection, crew: Roles, op_id: int) -> list[tuple[Any, ...]]:
     rows = await conn.fetch(
         f"SELECT trigger, actor, db_role FROM {crew.s}.audit_log WHERE operation_id = $1 "
         "ORDER BY seq",
@@ -185,7 +133,7 @@ async def _trail(conn: asyncpg.Connection, crew: Crew, op_id: int) -> list[tuple
 
 
 async def test_a_claim_cannot_be_attributed_to_a_worker_whose_key_the_session_lacks(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     real, attacker = workers
     [op] = await _publish(crew)
@@ -203,7 +151,7 @@ async def test_a_claim_cannot_be_attributed_to_a_worker_whose_key_the_session_la
 
 
 async def test_a_claim_must_count_the_attempt_and_lease_in_database_time(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     worker, _ = workers
     [op] = await _publish(crew)
@@ -222,7 +170,7 @@ async def test_a_claim_must_count_the_attempt_and_lease_in_database_time(
 
 
 async def test_an_operation_that_never_ran_cannot_be_marked_succeeded(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     worker, _ = workers
     [op] = await _publish(crew)
@@ -235,7 +183,7 @@ async def test_an_operation_that_never_ran_cannot_be_marked_succeeded(
 
 
 async def test_a_result_is_recorded_only_by_the_worker_holding_the_lease(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     holder, other = workers
     [op] = await _publish(crew)
@@ -258,7 +206,7 @@ async def test_a_result_is_recorded_only_by_the_worker_holding_the_lease(
 
 
 async def test_a_live_lease_cannot_be_dropped_moved_or_stretched_without_its_key(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     holder, other = workers
     [op] = await _publish(crew)
@@ -292,7 +240,7 @@ async def test_a_live_lease_cannot_be_dropped_moved_or_stretched_without_its_key
 
 
 async def test_operator_decisions_need_the_operator_role(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     worker, _ = workers
     [op] = await _publish(crew)
@@ -329,7 +277,7 @@ async def test_operator_decisions_need_the_operator_role(
 
 
 async def test_a_reject_cannot_rewrite_history(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     worker, _ = workers
     [op] = await _publish(crew)
@@ -359,7 +307,7 @@ async def test_a_reject_cannot_rewrite_history(
     ],
 )
 async def test_bookkeeping_the_audit_does_not_cover_cannot_be_set(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection, sets: dict[str, str]
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection, sets: dict[str, str]
 ) -> None:
     worker, _ = workers
     [op] = await _publish(crew)
@@ -376,7 +324,7 @@ async def test_bookkeeping_the_audit_does_not_cover_cannot_be_set(
 # -- as the publisher role ------------------------------------------------------------------------
 
 
-async def test_created_by_is_the_inserting_role(crew: Crew, conn: asyncpg.Connection) -> None:
+async def test_created_by_is_the_inserting_role(crew: Roles, conn: asyncpg.Connection) -> None:
     pub = await crew.connect(crew.publisher)
     try:
         op = await pub.fetchval(
@@ -406,7 +354,7 @@ async def test_created_by_is_the_inserting_role(crew: Crew, conn: asyncpg.Connec
     ],
 )
 async def test_a_new_operation_cannot_carry_history(
-    crew: Crew, conn: asyncpg.Connection, column: str, value: str
+    crew: Roles, conn: asyncpg.Connection, column: str, value: str
 ) -> None:
     pub = await crew.connect(crew.publisher)
     try:
@@ -420,7 +368,7 @@ async def test_a_new_operation_cannot_carry_history(
     assert f"cannot set {column}" in message or "staged audit entry" in message
 
 
-async def test_a_publisher_cannot_choose_ids(crew: Crew, conn: asyncpg.Connection) -> None:
+async def test_a_publisher_cannot_choose_ids(crew: Roles, conn: asyncpg.Connection) -> None:
     pub = await crew.connect(crew.publisher)
     try:
         insert = pub.execute(
@@ -438,7 +386,7 @@ async def test_a_publisher_cannot_choose_ids(crew: Crew, conn: asyncpg.Connectio
 
 
 async def test_what_the_roles_did_verifies_and_names_them(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection
 ) -> None:
     worker, _ = workers
     ops = await _publish(crew, 3)
@@ -498,7 +446,7 @@ ACTIONS = st.lists(
 )
 @given(actions=ACTIONS)
 async def test_random_raw_statements_are_accepted_exactly_when_the_protocol_allows(
-    crew: Crew, workers: tuple[Worker, Worker], conn: asyncpg.Connection, actions: list[Any]
+    crew: Roles, workers: tuple[Worker, Worker], conn: asyncpg.Connection, actions: list[Any]
 ) -> None:
     [op] = await _publish(crew)
     model = Model()
