@@ -50,6 +50,11 @@ live in the migrations. Usage::
 ``<schema>.purges`` -- one row per retention purge (``pgoutbox ops purge``): ``id``, ``actor``,
     ``finished_before``, ``include_dead``, ``batch_size``, ``deleted`` (operations deleted so
     far), ``started_at``, ``finished_at`` (NULL while running or if interrupted).
+
+``<schema>.flow_limits``, ``flow_overrides``, ``flow_pauses``, ``flow_buckets`` -- flow control
+    (docs/flow-control.md): the limits routers declare, operators' overrides of them (newest per
+    limit in force; kept for ever), pauses (open while ``resumed_at`` is NULL; a resume closes
+    the row), and each rate limit's per-partition state.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Double,
     Identity,
     Index,
     Integer,
@@ -348,6 +354,100 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         PrimaryKeyConstraint("id", name="purges_pkey"),
         CheckConstraint("batch_size >= 1", name="purges_batch_size_check"),
         comment="Retention purges of finished operations; their audit rows are kept.",
+    )
+    Table(
+        "flow_limits",
+        metadata,
+        Column("name", Text, nullable=False),
+        Column("operation_types", ARRAY(Text), nullable=False),
+        Column("partition_by", Text, nullable=True),
+        Column("concurrency", Integer, nullable=True),
+        Column("rate_count", Integer, nullable=True),
+        Column("rate_period_seconds", Double, nullable=True),
+        Column("burst", Integer, nullable=False, server_default=text("1")),
+        Column("declared_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("declared_by", Text, nullable=False, server_default=text("CURRENT_USER")),
+        PrimaryKeyConstraint("name", name="flow_limits_pkey"),
+        CheckConstraint("concurrency >= 1", name="flow_limits_concurrency_check"),
+        CheckConstraint("rate_count >= 1", name="flow_limits_rate_count_check"),
+        CheckConstraint("rate_period_seconds > 0", name="flow_limits_rate_period_seconds_check"),
+        CheckConstraint("burst >= 1", name="flow_limits_burst_check"),
+        CheckConstraint(
+            "concurrency IS NOT NULL OR rate_count IS NOT NULL", name="flow_limits_check"
+        ),
+        CheckConstraint(
+            "(rate_count IS NULL) = (rate_period_seconds IS NULL)", name="flow_limits_check1"
+        ),
+        comment="Concurrency and rate limits as the workers' routers declare them (upserted at "
+        "start).",
+    )
+
+    flow_overrides = Table(
+        "flow_overrides",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), nullable=False),
+        Column("limit_name", Text, nullable=False),
+        Column("concurrency", Integer, nullable=True),
+        Column("rate_count", Integer, nullable=True),
+        Column("rate_period_seconds", Double, nullable=True),
+        Column("burst", Integer, nullable=True),
+        Column("actor", Text, nullable=False),
+        Column("reason", Text, nullable=False),
+        Column("db_role", Text, nullable=False, server_default=text("CURRENT_USER")),
+        Column("set_at", _timestamptz(), nullable=False, server_default=_NOW),
+        PrimaryKeyConstraint("id", name="flow_overrides_pkey"),
+        CheckConstraint("concurrency >= 1", name="flow_overrides_concurrency_check"),
+        CheckConstraint("rate_count >= 1", name="flow_overrides_rate_count_check"),
+        CheckConstraint("rate_period_seconds > 0", name="flow_overrides_rate_period_seconds_check"),
+        CheckConstraint("burst >= 1", name="flow_overrides_burst_check"),
+        CheckConstraint(
+            "(rate_count IS NULL) = (rate_period_seconds IS NULL)", name="flow_overrides_check"
+        ),
+        comment="Operators' run-time overrides of declared limits; the newest per limit is in "
+        "force (all NULL: back to the declaration).",
+    )
+    Index("flow_overrides_latest", flow_overrides.c.limit_name, flow_overrides.c.id.desc())
+
+    flow_pauses = Table(
+        "flow_pauses",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), nullable=False),
+        Column("scope", Text, nullable=False),
+        Column("target", Text, nullable=False),
+        Column("partition", Text, nullable=True),
+        Column("paused_by", Text, nullable=False),
+        Column("pause_reason", Text, nullable=False),
+        Column("paused_role", Text, nullable=False, server_default=text("CURRENT_USER")),
+        Column("paused_at", _timestamptz(), nullable=False, server_default=_NOW),
+        Column("resumed_by", Text, nullable=True),
+        Column("resume_reason", Text, nullable=True),
+        Column("resumed_role", Text, nullable=True),
+        Column("resumed_at", _timestamptz(), nullable=True),
+        PrimaryKeyConstraint("id", name="flow_pauses_pkey"),
+        CheckConstraint("scope IN ('channel', 'type', 'limit')", name="flow_pauses_scope_check"),
+        CheckConstraint("partition IS NULL OR scope = 'limit'", name="flow_pauses_check"),
+        comment="Pauses of a channel, a type or a limit (or one of its partitions); open while "
+        "resumed_at is NULL.",
+    )
+    # At most one open pause per target.
+    Index(
+        "flow_pauses_open",
+        flow_pauses.c.scope,
+        flow_pauses.c.target,
+        text("coalesce(partition, '')"),
+        unique=True,
+        postgresql_where=flow_pauses.c.resumed_at.is_(None),
+    )
+
+    Table(
+        "flow_buckets",
+        metadata,
+        Column("limit_name", Text, nullable=False),
+        Column("partition", Text, nullable=False, server_default=text("''")),
+        Column("tat", _timestamptz(), nullable=False),
+        PrimaryKeyConstraint("limit_name", "partition", name="flow_buckets_pkey"),
+        comment="Rate limits' state: when each partition's next start conforms (GCRA's "
+        "theoretical arrival time).",
     )
     return metadata
 

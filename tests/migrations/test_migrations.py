@@ -38,6 +38,10 @@ PGOUTBOX_TABLES = {
     "schema_revision",
     "purges",
     "role_grants",
+    "flow_limits",
+    "flow_overrides",
+    "flow_pauses",
+    "flow_buckets",
 }
 # The triggers that make the audit log the database's, not the application's. Every one is
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.
@@ -55,6 +59,8 @@ PGOUTBOX_TRIGGERS = {
     ("operations", "c_operations_no_truncate"),
     ("audit_log", "audit_log_append_only"),
     ("audit_log", "audit_log_no_truncate"),
+    ("flow_overrides", "flow_overrides_history"),
+    ("flow_pauses", "flow_pauses_history"),
 }
 
 
@@ -349,6 +355,7 @@ async def test_migrated_catalog_equals_the_catalog_schema_py_creates(
         "operations_resting",
         "operations_ordering",
         "operations_idempotency_key",
+        "flow_pauses_open",
     }
     # Unique among keyed operations only: a keyless one's transitions add no entry to it.
     assert partial["operations_idempotency_key"].startswith("CREATE UNIQUE INDEX")
