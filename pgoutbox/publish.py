@@ -3,22 +3,40 @@
 Both insert in the caller's transaction and never commit: the operation exists exactly when the
 caller's own writes do. Workers are woken with ``pg_notify``, which PostgreSQL delivers only on
 commit.
+
+One implementation serves every kind of caller. What a publish does is written once, as a
+*plan*: a generator that validates, then yields the statements to run (and a savepoint around
+some) and receives their rows. A driver runs the plan: awaiting an ``AsyncSession``, or at once
+on a synchronous ``Session``, psycopg 3 connection or Django connection (the adapters of
+:mod:`pgoutbox.sync`). So validation, idempotency and errors are the same on every path.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NewType
+from typing import TYPE_CHECKING, Any, NewType, TypeAlias, TypeVar, overload
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pgoutbox.db import session_schema, session_settings
 from pgoutbox.observability import capture_trace_context
 from pgoutbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, validate_identifier
 from pgoutbox.sql import Query, queries
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from pgoutbox.sync import SyncTarget
+
+# What the synchronous paths accept: an SQLAlchemy Session, a psycopg 3 connection, or Django's
+# connection (typed Any: Django ships no type information).
+SyncSession: TypeAlias = "Session | psycopg.Connection[Any] | Any"
+T = TypeVar("T")
 
 OperationId = NewType("OperationId", int)
 
@@ -58,7 +76,26 @@ PUBLISH_KEYS = frozenset(
 )
 
 
-async def publish_operation(
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """A plan's step: run ``query``; the plan receives its rows."""
+
+    query: Query
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Savepoint:
+    """A plan's step: run ``plan`` under a savepoint; the plan receives its result."""
+
+    plan: _Plan[Any]
+
+
+_Plan: TypeAlias = Generator["_Run | _Savepoint", Any, T]
+
+
+@overload
+def publish_operation(
     session: AsyncSession,
     operation_type: str,
     payload: Any,
@@ -69,7 +106,36 @@ async def publish_operation(
     priority: int = 0,
     max_attempts: int | None = None,
     ordering_key: str | None = None,
-) -> OperationId:
+) -> Coroutine[Any, Any, OperationId]: ...
+
+
+@overload
+def publish_operation(
+    session: SyncSession,
+    operation_type: str,
+    payload: Any,
+    channel: str,
+    run_at: datetime | None = None,
+    idempotency_key: str | None = None,
+    *,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    ordering_key: str | None = None,
+) -> OperationId: ...
+
+
+def publish_operation(
+    session: AsyncSession | SyncSession,
+    operation_type: str,
+    payload: Any,
+    channel: str,
+    run_at: datetime | None = None,
+    idempotency_key: str | None = None,
+    *,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    ordering_key: str | None = None,
+) -> Coroutine[Any, Any, OperationId] | OperationId:
     """Record the intent to run ``operation_type`` with ``payload``; return its id.
 
     Usage::
@@ -79,6 +145,14 @@ async def publish_operation(
                                             payload={"order": 42}, channel="workflow",
                                             idempotency_key="charge-order-42")
             await session.commit()   # publish_operation never commits
+
+    ``session`` is an SQLAlchemy ``AsyncSession`` (then await the call), or, from synchronous
+    code, an SQLAlchemy ``Session``, a psycopg 3 connection, or Django's connection inside
+    ``transaction.atomic()`` (then the call returns the id itself; see docs/sync.md)::
+
+        with transaction.atomic():
+            order.save()
+            publish_operation(connection, "billing.charge", {"order": order.pk}, "workflow")
 
     ``run_at`` (timezone-aware) delays the operation; by default it is due at once (database
     time). Publishing again with the same ``idempotency_key`` returns the existing operation's
@@ -95,36 +169,37 @@ async def publish_operation(
     or cancels it. Publishers of one key take turns: a second transaction publishing the same
     key waits until the first commits or rolls back, so the order is the commit order.
     """
-    row = _validated(
-        dict(
-            operation_type=operation_type,
-            payload=payload,
-            channel=channel,
-            run_at=run_at,
-            idempotency_key=idempotency_key,
-            priority=priority,
-            max_attempts=max_attempts,
-            ordering_key=ordering_key,
-        ),
-        _max_payload_bytes(session),
+    item = dict(
+        operation_type=operation_type,
+        payload=payload,
+        channel=channel,
+        run_at=run_at,
+        idempotency_key=idempotency_key,
+        priority=priority,
+        max_attempts=max_attempts,
+        ordering_key=ordering_key,
     )
-    q = _queries(session)
-    await _lock_ordering_keys(session, q, [row])
-    inserted = (
-        await session.execute(
-            q["operations_publish"].clause(),
-            {**row, "created_by": None, "trace_context": capture_trace_context()},
-        )
-    ).first()
-    if inserted is not None:
-        return OperationId(inserted[0])
-    # The key exists (committed, or just committed by a concurrent publisher we waited for).
-    return (await _match_existing(session, q["operations_match_idempotency_keys"], [row]))[0]
+    if isinstance(session, AsyncSession):
+        return _drive_async(session, lambda schema, limit: _publish_one(item, schema, limit))
+    target = _sync_target(session)
+    return _drive(target, _publish_one(item, target.schema, target.max_payload_bytes))
 
 
-async def publish_many(
+@overload
+def publish_many(
     session: AsyncSession, operations: Iterable[Mapping[str, Any]]
-) -> list[OperationId]:
+) -> Coroutine[Any, Any, list[OperationId]]: ...
+
+
+@overload
+def publish_many(
+    session: SyncSession, operations: Iterable[Mapping[str, Any]]
+) -> list[OperationId]: ...
+
+
+def publish_many(
+    session: AsyncSession | SyncSession, operations: Iterable[Mapping[str, Any]]
+) -> Coroutine[Any, Any, list[OperationId]] | list[OperationId]:
     """Record many operations in one statement; return their ids in input order.
 
     Usage::
@@ -139,9 +214,37 @@ async def publish_many(
 
     Each item holds :func:`publish_operation`'s keyword arguments. Every item is validated
     before anything is written; if any is invalid (or conflicts with an existing idempotency
-    key), nothing of the batch is written.
+    key), nothing of the batch is written. ``session`` is any of :func:`publish_operation`'s:
+    from synchronous code, call it without ``await``.
     """
-    limit = _max_payload_bytes(session)
+    if isinstance(session, AsyncSession):
+        return _drive_async(
+            session, lambda schema, limit: _publish_batch(operations, schema, limit)
+        )
+    target = _sync_target(session)
+    return _drive(target, _publish_batch(operations, target.schema, target.max_payload_bytes))
+
+
+# -- the plans: what a publish does, for every driver ---------------------------------------
+
+
+def _publish_one(item: dict[str, Any], schema: str, limit: int) -> _Plan[OperationId]:
+    row = _validated(item, limit)
+    q = queries(schema)
+    yield from _lock_ordering_keys(q, schema, [row])
+    inserted = yield _Run(
+        q["operations_publish"],
+        {**row, "created_by": None, "trace_context": capture_trace_context()},
+    )
+    if inserted:
+        return OperationId(inserted[0][0])
+    # The key exists (committed, or just committed by a concurrent publisher we waited for).
+    return (yield from _match_existing(q["operations_match_idempotency_keys"], [row]))[0]
+
+
+def _publish_batch(
+    operations: Iterable[Mapping[str, Any]], schema: str, limit: int
+) -> _Plan[list[OperationId]]:
     rows = []
     for index, item in enumerate(operations):
         unknown = set(item) - PUBLISH_KEYS
@@ -156,8 +259,8 @@ async def publish_many(
             raise PublishError(f"operations[{index}]: {exc}") from None
     if not rows:
         return []
-    q = _queries(session)
-    await _lock_ordering_keys(session, q, rows)
+    q = queries(schema)
+    yield from _lock_ordering_keys(q, schema, rows)
     keyed = [row for row in rows if row["idempotency_key"] is not None]
     columns = {
         "operation_types": [r["operation_type"] for r in rows],
@@ -172,27 +275,33 @@ async def publish_many(
         "trace_context": capture_trace_context(),  # the whole batch is published in one span
     }
     if not keyed:
-        result = await session.execute(q["operations_publish_many"].clause(), columns)
-        return [OperationId(row[0]) for row in result]
+        inserted = yield _Run(q["operations_publish_many"], columns)
+        return [OperationId(row[0]) for row in inserted]
     # With keys, a conflict found after inserting must undo the batch's rows, but not the
     # caller's earlier work in the same transaction: hence the savepoint.
-    async with session.begin_nested():
-        result = await session.execute(q["operations_publish_many"].clause(), columns)
-        unkeyed_ids = iter([OperationId(op_id) for op_id, key in result if key is None])
-        matched = await _match_existing(session, q["operations_match_idempotency_keys"], keyed)
+    unkeyed_ids, matched = yield _Savepoint(_publish_keyed(q, columns, keyed))
     by_key = dict(zip([r["idempotency_key"] for r in keyed], matched, strict=True))
+    unkeyed = iter(unkeyed_ids)
     return [
-        by_key[row["idempotency_key"]] if row["idempotency_key"] is not None else next(unkeyed_ids)
+        by_key[row["idempotency_key"]] if row["idempotency_key"] is not None else next(unkeyed)
         for row in rows
     ]
 
 
-async def _match_existing(
-    session: AsyncSession, query: Query, rows: list[dict[str, Any]]
-) -> list[OperationId]:
+def _publish_keyed(
+    q: dict[str, Query], columns: dict[str, Any], keyed: list[dict[str, Any]]
+) -> _Plan[tuple[list[OperationId], list[OperationId]]]:
+    """Insert a batch holding keys; the new unkeyed ids and the ids of the keyed rows."""
+    inserted = yield _Run(q["operations_publish_many"], columns)
+    unkeyed_ids = [OperationId(op_id) for op_id, key in inserted if key is None]
+    matched = yield from _match_existing(q["operations_match_idempotency_keys"], keyed)
+    return unkeyed_ids, matched
+
+
+def _match_existing(query: Query, rows: list[dict[str, Any]]) -> _Plan[list[OperationId]]:
     """The ids of the operations holding these rows' keys; raise on a different intent."""
-    result = await session.execute(
-        query.clause(),
+    result = yield _Run(
+        query,
         {
             "idempotency_keys": [r["idempotency_key"] for r in rows],
             "operation_types": [r["operation_type"] for r in rows],
@@ -221,20 +330,66 @@ async def _match_existing(
     return ids
 
 
-async def _lock_ordering_keys(
-    session: AsyncSession, q: dict[str, Query], rows: list[dict[str, Any]]
-) -> None:
+def _lock_ordering_keys(
+    q: dict[str, Query], schema: str, rows: list[dict[str, Any]]
+) -> _Plan[None]:
     """Wait for the turn of these rows' ordering keys (held until the transaction ends)."""
     keys = [row["ordering_key"] for row in rows if row["ordering_key"] is not None]
     if keys:
-        await session.execute(
-            q["operations_lock_ordering_keys"].clause(),
-            {"schema": session_schema(session), "ordering_keys": keys},
-        )
+        yield _Run(q["operations_lock_ordering_keys"], {"schema": schema, "ordering_keys": keys})
 
 
-def _queries(session: AsyncSession) -> dict[str, Query]:
-    return queries(session_schema(session))
+# -- the drivers ---------------------------------------------------------------------------
+
+
+async def _drive_async(session: AsyncSession, make_plan: Callable[[str, int], _Plan[T]]) -> T:
+    """Run a plan on an ``AsyncSession`` (made here, so that even validation happens when the
+    caller awaits, as it always has)."""
+    return await _drive_async_plan(
+        session, make_plan(_schema(session), _max_payload_bytes(session))
+    )
+
+
+async def _drive_async_plan(session: AsyncSession, plan: _Plan[T]) -> T:
+    reply: Any = None
+    try:
+        while True:
+            step = plan.send(reply)
+            if isinstance(step, _Savepoint):
+                async with session.begin_nested():
+                    reply = await _drive_async_plan(session, step.plan)
+            else:
+                reply = (await session.execute(step.query.clause(), step.params)).all()
+    except StopIteration as done:
+        result: T = done.value
+        return result
+
+
+def _drive(target: SyncTarget, plan: _Plan[T]) -> T:
+    """Run a plan on a synchronous session or connection."""
+    reply: Any = None
+    try:
+        while True:
+            step = plan.send(reply)
+            if isinstance(step, _Savepoint):
+                with target.savepoint():
+                    reply = _drive(target, step.plan)
+            else:
+                reply = target.rows(step.query, step.params)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+
+
+def _sync_target(session: Any) -> SyncTarget:
+    # Imported here: pgoutbox.sync's psycopg and Django parts are optional extras.
+    from pgoutbox.sync import sync_target
+
+    return sync_target(session)
+
+
+def _schema(session: AsyncSession) -> str:
+    return session_schema(session)
 
 
 def _max_payload_bytes(session: AsyncSession) -> int:

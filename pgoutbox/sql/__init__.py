@@ -1,8 +1,9 @@
 """The one SQL layer: named queries loaded once from ``queries.sql``.
 
 A query is written once with ``:name`` parameters and ``{s}`` for the schema, and rendered for
-either driver: ``$1, $2, ...`` for asyncpg (the hot path) or a SQLAlchemy ``TextClause`` (the
-user's session, for publishing). A line holding only ``{other_query}`` is replaced by that
+either driver: ``$1, $2, ...`` for asyncpg (the hot path), a SQLAlchemy ``TextClause`` (the
+user's session, for publishing) or ``%(name)s`` for psycopg 3 (a synchronous publisher's own
+connection). A line holding only ``{other_query}`` is replaced by that
 query's statement, so one statement can run another as a CTE without restating it.
 """
 
@@ -35,6 +36,7 @@ class Query:
     sql: str  # with :name parameters and the schema filled in
     params: tuple[str, ...]  # distinct parameter names, in order of first use
     asyncpg_sql: str  # the same with $1.. placeholders
+    psycopg_sql: str = ""  # the same with %(name)s placeholders (and % doubled)
 
     def args(self, **values: Any) -> list[Any]:
         """Positional arguments for asyncpg, in ``$n`` order."""
@@ -84,5 +86,6 @@ def queries(schema: str) -> dict[str, Query]:
         sql = body.replace("{s}", quoted)
         names = tuple(dict.fromkeys(_PARAM.findall(sql)))
         asyncpg_sql = _PARAM.sub(_positional(names), sql)
-        rendered[name] = Query(name, sql, names, asyncpg_sql)
+        psycopg_sql = _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+        rendered[name] = Query(name, sql, names, asyncpg_sql, psycopg_sql)
     return rendered

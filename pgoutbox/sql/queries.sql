@@ -63,6 +63,19 @@ SELECT id, idempotency_key FROM inserted WHERE (SELECT count(*) FROM woken) >= 0
 SELECT count(pg_advisory_xact_lock(hashtextextended('pgoutbox ' || :schema || ' ' || k, 0)))
 FROM (SELECT DISTINCT k FROM unnest(CAST(:ordering_keys AS text[])) AS keys(k) ORDER BY k) keys;
 
+-- name: publish_savepoint_set
+-- A psycopg publisher's batch with idempotency keys runs under this savepoint: a conflict found
+-- after inserting undoes the batch's rows, not the caller's earlier work.
+SAVEPOINT pgoutbox_publish_many;
+
+-- name: publish_savepoint_release
+-- The batch went through: keep its rows in the caller's transaction.
+RELEASE SAVEPOINT pgoutbox_publish_many;
+
+-- name: publish_savepoint_rollback
+-- The batch conflicted: undo its rows, leave the caller's transaction usable.
+ROLLBACK TO SAVEPOINT pgoutbox_publish_many;
+
 -- name: operations_match_idempotency_keys
 -- For each key given, the existing operation and whether it records the same intent.
 SELECT o.id, o.idempotency_key,
@@ -722,3 +735,74 @@ WITH fired AS (
 )
 SELECT id, state, CASE WHEN CAST(:wake AS boolean) THEN pg_notify(channel, id::text) END
 FROM fired;
+
+-- =============================================================================================
+-- web console
+-- The pages of pgoutbox.web that the operator tools above do not already read.
+-- =============================================================================================
+
+-- name: web_operations_page
+-- One page of the operations list, newest first, below a keyset position (:before) and no
+-- lower than :floor: the primary key is walked backwards and each page reads at most the ids
+-- between the two, however rare the filtered-for operations are (a payload search, a state).
+SELECT id, operation_type, channel, lifecycle, state, attempts, max_attempts, priority, run_at,
+       idempotency_key, ordering_key, created_at, updated_at, last_error, lease_owner
+FROM {s}.operations
+WHERE id < :before AND id >= :floor
+  AND (CAST(:states AS text[]) IS NULL OR state = ANY(CAST(:states AS text[])))
+  AND (CAST(:type_patterns AS text[]) IS NULL
+       OR operation_type LIKE ANY(CAST(:type_patterns AS text[])))
+  AND (CAST(:channels AS text[]) IS NULL OR channel = ANY(CAST(:channels AS text[])))
+  AND (CAST(:since AS timestamptz) IS NULL OR created_at >= CAST(:since AS timestamptz))
+  AND (CAST(:until AS timestamptz) IS NULL OR created_at < CAST(:until AS timestamptz))
+  AND (CAST(:ordering_key AS text) IS NULL OR ordering_key = CAST(:ordering_key AS text))
+  AND (CAST(:search AS text) IS NULL
+       OR strpos(CAST(payload AS text), CAST(:search AS text)) > 0)
+ORDER BY id DESC
+LIMIT :limit;
+
+-- name: web_operations_scan_floor
+-- The lowest id among the :scan operations below :before (an index-only walk of the primary
+-- key): how far one filtered page of the list may read.
+SELECT min(id) FROM (
+    SELECT id FROM {s}.operations WHERE id < :before ORDER BY id DESC LIMIT :scan
+) window_ids;
+
+-- name: web_operation_by_idempotency_key
+-- The operation holding an idempotency key (the unique index answers it).
+SELECT id FROM {s}.operations WHERE idempotency_key = :idempotency_key;
+
+-- name: web_attempt_outcomes_over_time
+-- Attempt outcomes per time bucket since a time (the overview's chart): succeeded, and failed
+-- (fail, give_up, lose), counted as audit_log_attempt_outcomes counts them.
+SELECT date_bin(make_interval(secs => :bucket_seconds), recorded_at, :since) AS bucket,
+       count(*) FILTER (WHERE trigger = 'succeed') AS succeeded,
+       count(*) FILTER (WHERE trigger <> 'succeed') AS failed
+FROM {s}.audit_log
+WHERE recorded_at >= :since AND from_state = 'claimed'
+  AND trigger IN ('succeed', 'fail', 'give_up', 'lose')
+GROUP BY 1
+ORDER BY 1;
+
+-- name: web_lifecycles_all
+-- Every registered version of every lifecycle, newest version first.
+SELECT name, version, digest, CAST(definition AS text) AS definition, registered_at,
+       registered_by
+FROM {s}.lifecycles
+ORDER BY name, version DESC;
+
+-- name: web_lifecycle_types_all
+-- Which lifecycle each operation type with its own runs.
+SELECT operation_type, lifecycle FROM {s}.lifecycle_types ORDER BY operation_type;
+
+-- name: web_audit_chain_of_operation
+-- One operation's audit chain with its recorded head, as audit_log_page gives it for every
+-- operation: what the operation page verifies.
+SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
+       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
+       o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
+       o.state AS current_state
+FROM {s}.audit_log a
+LEFT JOIN {s}.operations o ON o.id = a.operation_id
+WHERE a.operation_id = :operation_id
+ORDER BY a.seq;
