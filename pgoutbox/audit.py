@@ -248,6 +248,32 @@ async def _walk(
     return AuditVerification(operations, rows, problem)
 
 
+async def verify_operation_chain(
+    conn: asyncpg.Connection, schema: str, operation_id: int
+) -> AuditVerification:
+    """Check one operation's audit chain as :func:`verify_chains` checks every one (seq, hashes,
+    the head the operation row records, its state), in one snapshot. ``operations`` is 0 when
+    there is neither the operation nor any audit row of it. Used by the web console's
+    operation page; a full ``verify`` also checks the triggers that write the chains.
+    """
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        records = await queries(schema)["web_audit_chain_of_operation"].fetch(
+            conn, operation_id=operation_id
+        )
+        if not records:
+            exists = await queries(schema)["operations_admin_get"].fetchrow(conn, id=operation_id)
+    if not records:
+        if exists is None:
+            return AuditVerification(0, 0, None)
+        return AuditVerification(1, 0, AuditProblem(operation_id, 1, "operation has no audit rows"))
+    chain = _Chain(dict(records[0]))
+    for record in records:
+        problem = chain.add(dict(record))
+        if problem:
+            return AuditVerification(1, record["seq"] - 1, problem)
+    return AuditVerification(1, len(records), chain.close())
+
+
 async def verify(settings: DatabaseSettings) -> AuditVerification:
     """Verify every audit chain of the pgoutbox schema ``settings`` points at, and that its
     triggers and functions are the ones its revision installed (:func:`verify_audit`).
