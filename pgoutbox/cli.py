@@ -8,11 +8,12 @@ end as one ``Error: ...`` line and exit 1 or 2 (pgoutbox/cli_errors.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -361,8 +362,18 @@ def lifecycle_show(obj: _Context, operation_type: str, all_transitions: bool) ->
 
 
 @cli.command()
+@click.option(
+    "--web",
+    "web_port",
+    type=click.IntRange(1, 65535),
+    is_flag=False,
+    flag_value=8080,
+    default=None,
+    help="Then serve the web console on the demo's data (port 8080, or --web=PORT) until "
+    "Ctrl-C, acting as you.",
+)
 @click.pass_obj
-def demo(obj: _Context) -> None:
+def demo(obj: _Context, web_port: int | None) -> None:
     """Run a worker and three operations on an embedded PostgreSQL (or --dsn), show them
     change state live, then print an audit trail and verify every hash chain. With --dsn it
     works in a throwaway schema that it drops afterwards."""
@@ -377,7 +388,7 @@ def demo(obj: _Context) -> None:
         )
     settings = obj.database() if obj.dsn else None  # an invalid --dsn fails here, in one line
     try:
-        verified = _run(run_demo(obj.dsn), settings=settings)
+        verified = _run(run_demo(obj.dsn, then=_demo_console(web_port)), settings=settings)
     except EmbeddedUnavailableError as exc:
         reason = str(exc).rstrip(". ")
         raise CliError(
@@ -386,6 +397,68 @@ def demo(obj: _Context) -> None:
         ) from exc
     if not verified:
         sys.exit(1)
+
+
+def _demo_console(port: int | None) -> Callable[[DatabaseSettings], Awaitable[None]] | None:
+    """``demo --web``: the console on the demo's schema, acting as the user running it."""
+    if port is None:
+        return None
+
+    async def serve_console(database: DatabaseSettings) -> None:
+        web = _web_module()
+        click.echo(f"\nWeb console: http://localhost:{port}/  (Ctrl-C stops it and the demo)")
+        with contextlib.suppress(asyncio.CancelledError, KeyboardInterrupt):
+            await web.serve(
+                database, port=port, actor=web.actor_hook(cli_ops._default_actor(), None)
+            )
+
+    return serve_console
+
+
+def _web_module() -> Any:
+    try:
+        from pgoutbox.web import server
+    except ImportError as exc:
+        raise CliError(
+            f"the web console needs the web extra ({exc.name} is missing): "
+            "pip install 'pgoutbox[web]'"
+        ) from exc
+    return server
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
+@click.option("--actor", help="Everyone using this console acts as ACTOR (a console of your own).")
+@click.option(
+    "--actor-header",
+    metavar="HEADER",
+    help="Who acts is the name an authenticating proxy in front sets in HEADER.",
+)
+@click.option("--read-only", is_flag=True, help="No actions, whatever --actor says (auditors).")
+@click.pass_obj
+def web(
+    obj: _Context,
+    host: str,
+    port: int,
+    actor: str | None,
+    actor_header: str | None,
+    read_only: bool,
+) -> None:
+    """Serve the web console (pgoutbox[web]). Without --actor or --actor-header it is read-only:
+    the console has no login of its own."""
+    settings = obj.database()
+    server = _web_module()
+    try:
+        hook = server.actor_hook(actor, actor_header)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    mode = "read-only" if read_only or hook is None else "actions on"
+    click.echo(f"pgoutbox web console on http://{host}:{port}/ ({mode}); Ctrl-C stops it")
+    _run(
+        server.serve(settings, host=host, port=port, actor=hook, read_only=read_only),
+        settings=settings,
+    )
 
 
 # -- operator tools: `ops`, `audit report`, `stats`, `workers` (pgoutbox/cli_ops.py) -----------

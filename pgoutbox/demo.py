@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -68,8 +68,13 @@ def _database(dsn: str | None, console: Console) -> Iterator[str]:
         yield server.dsn
 
 
-async def run_demo(dsn: str | None, console: Console | None = None) -> bool:
-    """Run the demo; True when every audit chain verified."""
+async def run_demo(
+    dsn: str | None,
+    console: Console | None = None,
+    then: Callable[[DatabaseSettings], Awaitable[None]] | None = None,
+) -> bool:
+    """Run the demo; True when every audit chain verified. ``then`` runs after it, before the
+    demo's schema is dropped (``demo --web`` serves the console on it there)."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
@@ -77,7 +82,10 @@ async def run_demo(dsn: str | None, console: Console | None = None) -> bool:
     with _database(dsn, console) as url:
         db = DatabaseSettings(dsn=url, schema_name=f"pgoutbox_demo_{uuid.uuid4().hex[:6]}")
         try:
-            return await _demo(db, console)
+            verified = await _demo(db, console)
+            if then is not None:
+                await then(db)
+            return verified
         finally:
             conn = await asyncpg.connect(**db.connect_kwargs())
             await conn.execute(f'DROP SCHEMA IF EXISTS "{db.schema_name}" CASCADE')
