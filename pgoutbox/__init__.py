@@ -5,6 +5,8 @@ from pgoutbox.audit import AuditProblem, AuditVerification, verify
 from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SessionControlError
 from pgoutbox.db import DatabaseSessionManager
 from pgoutbox.fire import FireRefused, fire
+from pgoutbox.flow import Limit, LimitError, Rate
+from pgoutbox.flow_admin import FlowControlError
 from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, Lifecycle, LifecycleError, TransitionNotAllowed
 from pgoutbox.publish import (
     IdempotencyConflict,
@@ -26,14 +28,18 @@ __all__ = [
     "DatabaseSettings",
     "DoNotRetry",
     "FireRefused",
+    "FlowControlError",
     "GuardedSession",
     "HandlerContext",
     "HandlerSpec",
     "IdempotencyConflict",
     "Lifecycle",
     "LifecycleError",
+    "Limit",
+    "LimitError",
     "OperationId",
     "PublishError",
+    "Rate",
     "RetryPolicy",
     "RouterError",
     "SchemaNotReady",

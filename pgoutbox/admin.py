@@ -34,9 +34,12 @@ from typing import Any, Final, Literal
 
 import asyncpg
 
+from pgoutbox import flow_admin
 from pgoutbox.audit import AuditVerification, verify_audit
 from pgoutbox.db import create_pool
 from pgoutbox.fire import Fired, fire_on
+from pgoutbox.flow import Rate
+from pgoutbox.flow_admin import LimitInfo, PauseInfo, Scope
 from pgoutbox.lifecycle import (
     BUILTIN_STATES,
     CANCELLED,
@@ -598,6 +601,77 @@ class Admin:
         see :func:`pgoutbox.fire.fire`."""
         async with self.pool.acquire() as conn:
             return await fire_on(conn, self._q, operation_id, trigger, actor=actor, detail=detail)
+
+    # -- flow control (docs/flow-control.md) -------------------------------------------------
+
+    async def pause(
+        self,
+        scope: Scope,
+        target: str,
+        *,
+        actor: str,
+        reason: str,
+        partition: str | None = None,
+    ) -> PauseInfo:
+        """Stop workers claiming a channel's, a type's or a limit's operations (``scope``
+        ``"channel"``, ``"type"`` or ``"limit"``; with ``partition``, only that partition of
+        the limit), within one poll interval, cluster wide; running work finishes. Recorded
+        with ``actor``, ``reason`` and the database role. Usage::
+
+            await admin.pause("type", "charge", actor="alice", reason="gateway outage INC-42")
+
+        Raises :class:`pgoutbox.flow_admin.FlowControlError` if it is paused already.
+        """
+        async with self.pool.acquire() as conn:
+            return await flow_admin.pause(
+                conn, self._q, scope, target, partition=partition, actor=actor, reason=reason
+            )
+
+    async def resume(
+        self,
+        scope: Scope,
+        target: str,
+        *,
+        actor: str,
+        reason: str,
+        partition: str | None = None,
+    ) -> datetime:
+        """End a pause (recorded with ``actor``, ``reason`` and the database role); workers
+        claim again within one poll interval. Returns when it had been paused. Raises
+        :class:`pgoutbox.flow_admin.FlowControlError` if it is not paused."""
+        async with self.pool.acquire() as conn:
+            return await flow_admin.resume(
+                conn, self._q, scope, target, partition=partition, actor=actor, reason=reason
+            )
+
+    async def pauses(self) -> list[PauseInfo]:
+        """The pauses in force, oldest first."""
+        async with self.pool.acquire() as conn:
+            return await flow_admin.pauses(conn, self._q)
+
+    async def limits(self) -> list[LimitInfo]:
+        """Every limit the workers declared, with the numbers in force and what runs now."""
+        async with self.pool.acquire() as conn:
+            return await flow_admin.limits(conn, self._q)
+
+    async def override_limit(
+        self,
+        name: str,
+        *,
+        actor: str,
+        reason: str,
+        concurrency: int | None = None,
+        rate: Rate | str | None = None,
+        burst: int | None = None,
+    ) -> None:
+        """Change a declared limit's numbers at run time, cluster wide within one poll
+        interval (None: as declared; none given: back to the declaration). Recorded with
+        ``actor``, ``reason`` and the database role."""
+        async with self.pool.acquire() as conn:
+            await flow_admin.override_limit(
+                conn, self._q, name, concurrency=concurrency, rate=rate, burst=burst,
+                actor=actor, reason=reason,
+            )  # fmt: skip
 
     async def _act(
         self,

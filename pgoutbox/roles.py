@@ -69,11 +69,12 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
       name, a column not at its default); SELECT too (``RETURNING id``, ``ON CONFLICT`` on the
       idempotency key, the same-intent check of a repeated key);
     - worker: claim, heartbeat, record, release, reject and rescue operations (the columns
-      those change), register itself in ``workers``, read the schema revision and the
+      those change), register itself in ``workers``, declare its router's limits and move
+      the rate buckets (flow control), read the schema revision and the
       registered lifecycles at start-up (and Alembic's version table, for ``auto_migrate`` at
       head); it never writes the lifecycle tables;
     - operator: read everything; retry, cancel, replay and fire (the columns those change);
-      purge finished operations;
+      purge finished operations; pause and resume, and override limits;
     - auditor: read everything, write nothing.
     """
     s = quote_schema(schema)
@@ -88,6 +89,11 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.workers TO {{role}}",
         f"GRANT SELECT ON {s}.lifecycle_transitions, {s}.lifecycles, {s}.lifecycle_types, "
         f"{s}.schema_revision TO {{role}}",
+        # Flow control: declare the router's limits, read overrides and pauses, move the rate
+        # buckets. Overrides and pauses are the operator's.
+        f"GRANT SELECT, INSERT, UPDATE ON {s}.flow_limits TO {{role}}",
+        f"GRANT SELECT ON {s}.flow_overrides, {s}.flow_pauses TO {{role}}",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.flow_buckets TO {{role}}",
     ]
     if with_version_table:
         worker.append(f"GRANT SELECT ON {s}.{VERSION_TABLE} TO {{role}}")
@@ -99,6 +105,8 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
             read_all,
             f"GRANT UPDATE ({', '.join(OPERATOR_UPDATES)}), DELETE ON {ops} TO {{role}}",
             f"GRANT INSERT, UPDATE ON {s}.purges TO {{role}}",
+            f"GRANT INSERT ON {s}.flow_overrides TO {{role}}",
+            f"GRANT INSERT, UPDATE (resumed_by, resume_reason) ON {s}.flow_pauses TO {{role}}",
         ),
         auditor=(usage, read_all),
     )

@@ -23,10 +23,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from pgoutbox.flow import Limit, LimitError, Rate
 from pgoutbox.lifecycle import CLAIMED, DEFAULT_LIFECYCLE, Lifecycle
 
 OnLost = Literal["retry", "dead"]
@@ -90,6 +91,8 @@ class HandlerSpec:
     step: str = CLAIMED
     lifecycle: Lifecycle = DEFAULT_LIFECYCLE
     steps: Mapping[str, HandlerSpec] = field(default_factory=dict, compare=False)
+    # Every limit the type is subject to, whichever of its handlers declared it (all steps).
+    limits: tuple[Limit, ...] = ()
 
     def for_step(self, state: str) -> HandlerSpec:
         """The spec of the step that runs in ``state``."""
@@ -123,6 +126,10 @@ class _Registration:
     options: _Options
     step: str
     lifecycle: Lifecycle | None
+    limits: tuple[Limit, ...]
+    # The type's own limit (concurrency=, rate=): named after the type's full name, so it is
+    # made when the prefixes are known.
+    own_limit: tuple[int | None, Rate | None]
 
 
 @dataclass
@@ -164,6 +171,9 @@ class WorkflowRouter:
         on_lost: OnLost | None = None,
         lifecycle: Lifecycle | None = None,
         step: str = CLAIMED,
+        concurrency: int | None = None,
+        rate: Rate | str | None = None,
+        limit: Limit | Sequence[Limit] | None = None,
     ) -> Callable[[H], H]:
         """Register ``async def handler(ctx, payload)`` for ``operation_type``.
 
@@ -178,6 +188,11 @@ class WorkflowRouter:
         (default ``claimed``, the first step). A step returns the name of the trigger to fire
         next, e.g. ``return "charge"``; with the default lifecycle the return value is ignored
         and the operation succeeds.
+
+        ``concurrency`` (at most this many running at once) and ``rate`` (starts per period,
+        ``"100/s"``) limit the type cluster wide; ``limit`` subjects it to shared
+        :class:`~pgoutbox.flow.Limit` objects too (a group of types, or per partition). A
+        limit applies to every step of the type. See docs/flow-control.md.
         """
         if not isinstance(operation_type, str) or not _NAME.fullmatch(operation_type):
             raise RouterError(
@@ -197,6 +212,7 @@ class WorkflowRouter:
                 f"handler {operation_type!r}: {step!r} is not a working state of lifecycle "
                 f"{lifecycle.name!r} (working states: {', '.join(sorted(lifecycle.working))})"
             )
+        limits, own_limit = _check_limits(operation_type, concurrency, rate, limit)
         key = (operation_type, step)
 
         def register(fn: H) -> H:
@@ -214,7 +230,7 @@ class WorkflowRouter:
                 )
             options = _Options(max_attempts, retry, on_lost)
             self._own[key] = _Registration(
-                operation_type, fn, transactional, options, step, lifecycle
+                operation_type, fn, transactional, options, step, lifecycle, limits, own_limit
             )
             try:
                 self._resolve(complete=False)  # a clash is an error now, not later
@@ -263,7 +279,18 @@ class WorkflowRouter:
             steps[spec.step] = (spec, lifecycle)
         found: dict[str, HandlerSpec] = {}
         by_name: dict[str, Lifecycle] = {}
+        limits_by_name: dict[str, Limit] = {}
         for operation_type, steps in by_type.items():
+            limits: dict[str, Limit] = {}
+            for spec, _ in steps.values():
+                for limit in spec.limits:
+                    known_limit = limits_by_name.setdefault(limit.name, limit)
+                    if known_limit != limit:
+                        raise RouterError(
+                            f"two different limits are both named {limit.name!r} ({known_limit} "
+                            f"and {limit}); share one Limit object or give each its own name"
+                        )
+                    limits[limit.name] = limit
             lifecycle = _one_lifecycle(operation_type, [lc for _, lc in steps.values()])
             if lifecycle is not None:
                 known = by_name.setdefault(lifecycle.name, lifecycle)
@@ -293,7 +320,9 @@ class WorkflowRouter:
                         f"@router.on({operation_type!r}, step=...) for each working state"
                     )
             specs = {
-                step: dataclasses.replace(spec, lifecycle=resolved)
+                step: dataclasses.replace(
+                    spec, lifecycle=resolved, limits=tuple(sorted(limits.values(), key=_by_name))
+                )
                 for step, (spec, _) in steps.items()
             }
             first = specs.get(CLAIMED) or next(iter(specs.values()))
@@ -309,14 +338,21 @@ class WorkflowRouter:
         options = _Options(self.max_attempts, self.retry, self.on_lost).under(outer)
         for registration in self._own.values():
             resolved = registration.options.under(options)
+            full_name = ".".join((*here, registration.name))
+            limits = registration.limits
+            concurrency, rate = registration.own_limit
+            if concurrency is not None or rate is not None:
+                own = Limit(full_name, concurrency=concurrency, rate=rate)
+                limits = (*limits, own)
             spec = HandlerSpec(
-                operation_type=".".join((*here, registration.name)),
+                operation_type=full_name,
                 fn=registration.fn,
                 transactional=registration.transactional,
                 max_attempts=resolved.max_attempts or DEFAULT_MAX_ATTEMPTS,
                 retry=resolved.retry or DEFAULT_RETRY,
                 on_lost=resolved.on_lost or "retry",
                 step=registration.step,
+                limits=limits,
             )
             yield spec, registration.lifecycle
         for include_prefix, child in self._children:
@@ -358,3 +394,37 @@ def _check_options(
         raise RouterError(f"{where}: retry must be a RetryPolicy, got {retry!r}")
     if on_lost not in (None, "retry", "dead"):
         raise RouterError(f"{where}: invalid on_lost {on_lost!r}, use 'retry' or 'dead'")
+
+
+def _by_name(limit: Limit) -> str:
+    return limit.name
+
+
+def _check_limits(
+    operation_type: str,
+    concurrency: int | None,
+    rate: Rate | str | None,
+    limit: Limit | Sequence[Limit] | None,
+) -> tuple[tuple[Limit, ...], tuple[int | None, Rate | None]]:
+    """The shared limits given to a handler, and its type's own (concurrency, rate)."""
+    where = f"handler {operation_type!r}"
+    try:
+        given = () if limit is None else (limit,) if isinstance(limit, Limit) else tuple(limit)
+    except TypeError:
+        given = (limit,)  # type: ignore[assignment]  # reported just below
+    for each in given:
+        if not isinstance(each, Limit):
+            raise RouterError(
+                f"{where}: limit must be a Limit or a list of them (Limit('stripe', "
+                f"concurrency=10)), got {each!r}"
+            )
+    names = [each.name for each in given]
+    if len(set(names)) != len(names):
+        raise RouterError(f"{where}: the same limit name is given twice: {names}")
+    try:
+        own = Limit(operation_type, concurrency=concurrency, rate=rate)
+    except LimitError as exc:
+        if concurrency is None and rate is None:
+            return given, (None, None)
+        raise RouterError(f"{where}: {exc}") from None
+    return given, (own.concurrency, own.steady_rate)

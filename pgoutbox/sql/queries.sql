@@ -806,3 +806,204 @@ FROM {s}.audit_log a
 LEFT JOIN {s}.operations o ON o.id = a.operation_id
 WHERE a.operation_id = :operation_id
 ORDER BY a.seq;
+
+-- name: flow_limits_declare
+-- A worker's router declares its limits (at start): the newest declaration of a name wins.
+INSERT INTO {s}.flow_limits AS l (name, operation_types, partition_by, concurrency, rate_count,
+                                  rate_period_seconds, burst)
+SELECT d.name, string_to_array(d.types, ' '), d.partition_by, d.concurrency, d.rate_count,
+       d.rate_period_seconds, d.burst
+FROM unnest(CAST(:names AS text[]), CAST(:types AS text[]), CAST(:partition_bys AS text[]),
+            CAST(:concurrencies AS integer[]), CAST(:rate_counts AS integer[]),
+            CAST(:rate_periods AS float8[]), CAST(:bursts AS integer[]))
+     AS d(name, types, partition_by, concurrency, rate_count, rate_period_seconds, burst)
+ON CONFLICT (name) DO UPDATE
+SET operation_types = EXCLUDED.operation_types, partition_by = EXCLUDED.partition_by,
+    concurrency = EXCLUDED.concurrency, rate_count = EXCLUDED.rate_count,
+    rate_period_seconds = EXCLUDED.rate_period_seconds, burst = EXCLUDED.burst,
+    declared_at = now(), declared_by = CURRENT_USER
+WHERE (l.operation_types, l.partition_by, l.concurrency, l.rate_count, l.rate_period_seconds,
+       l.burst)
+      IS DISTINCT FROM (EXCLUDED.operation_types, EXCLUDED.partition_by, EXCLUDED.concurrency,
+       EXCLUDED.rate_count, EXCLUDED.rate_period_seconds, EXCLUDED.burst);
+
+-- name: flow_overrides_in_force
+-- The newest override of each limit that has one (all NULL: back to the declaration).
+SELECT DISTINCT ON (limit_name) limit_name, concurrency, rate_count, rate_period_seconds, burst,
+       actor, reason, db_role, set_at
+FROM {s}.flow_overrides
+ORDER BY limit_name, id DESC;
+
+-- name: flow_pauses_open
+-- The pauses in force, oldest first.
+SELECT id, scope, target, partition, paused_by, pause_reason, paused_role, paused_at
+FROM {s}.flow_pauses
+WHERE resumed_at IS NULL
+ORDER BY id;
+
+-- name: flow_pauses_add
+-- Pause a channel, a type or a limit (one partition of it, with :partition); NULL when that
+-- target is paused already (the open pause stays as it is).
+INSERT INTO {s}.flow_pauses (scope, target, partition, paused_by, pause_reason)
+VALUES (:scope, :target, :partition, :actor, :reason)
+ON CONFLICT (scope, target, coalesce(partition, '')) WHERE resumed_at IS NULL DO NOTHING
+RETURNING id, paused_at;
+
+-- name: flow_pauses_close
+-- Resume: close the open pause of this target; no row when it was not paused.
+UPDATE {s}.flow_pauses
+SET resumed_by = :actor, resume_reason = :reason
+WHERE scope = :scope AND target = :target AND partition IS NOT DISTINCT FROM :partition
+  AND resumed_at IS NULL
+RETURNING id, paused_at, resumed_at;
+
+-- name: flow_overrides_add
+-- An operator's override of a limit's numbers (NULL: the declared value).
+INSERT INTO {s}.flow_overrides (limit_name, concurrency, rate_count, rate_period_seconds, burst,
+                                actor, reason)
+VALUES (:limit_name, :concurrency, :rate_count, :rate_period_seconds, :burst, :actor, :reason)
+RETURNING id, set_at;
+
+-- name: flow_limits_all
+-- Every declared limit with the override in force, and how many of its operations hold a lease.
+SELECT l.name, l.operation_types, l.partition_by, l.concurrency, l.rate_count,
+       l.rate_period_seconds, l.burst, l.declared_at,
+       o.concurrency AS override_concurrency, o.rate_count AS override_rate_count,
+       o.rate_period_seconds AS override_rate_period_seconds, o.burst AS override_burst,
+       o.actor AS override_actor, o.reason AS override_reason, o.set_at AS override_set_at,
+       (SELECT count(*) FROM {s}.operations r
+        WHERE r.lease_owner IS NOT NULL AND r.operation_type = ANY(l.operation_types)) AS running
+FROM {s}.flow_limits l
+LEFT JOIN LATERAL (
+    SELECT * FROM {s}.flow_overrides f WHERE f.limit_name = l.name ORDER BY f.id DESC LIMIT 1
+) o ON true
+ORDER BY l.name;
+
+-- name: flow_lock
+-- Serialise the claims of these limits across every worker until the transaction ends, keys
+-- taken in one order so two claims cannot deadlock; returns the database's clock (the claims'
+-- transaction time, which the rate buckets and the claim's audit rows both use).
+SELECT CAST(EXTRACT(epoch FROM now()) AS float8) AS now, count(pg_advisory_xact_lock(k)) AS locked
+FROM (SELECT hashtextextended(:schema || '.' || name, 0) AS k
+      FROM unnest(CAST(:names AS text[])) AS name ORDER BY 1) AS keys;
+
+-- name: operations_flow_running
+-- How many operations of each limit's types hold a lease, per partition: one row per (limit
+-- number, type, partition kind, payload path) given.
+SELECT x.n, coalesce(CASE x.kind WHEN 'ordering_key' THEN o.ordering_key
+                                 WHEN 'payload' THEN o.payload #>> string_to_array(x.path, '.')
+                     END, '') AS partition,
+       count(*) AS running
+FROM unnest(CAST(:numbers AS integer[]), CAST(:types AS text[]), CAST(:kinds AS text[]),
+            CAST(:paths AS text[])) AS x(n, type, kind, path)
+JOIN {s}.operations o ON o.operation_type = x.type AND o.lease_owner IS NOT NULL
+GROUP BY 1, 2;
+
+-- name: flow_buckets_of
+-- The rate buckets of these limits (theoretical arrival time, epoch seconds).
+SELECT limit_name, partition, CAST(EXTRACT(epoch FROM tat) AS float8) AS tat
+FROM {s}.flow_buckets
+WHERE limit_name = ANY(CAST(:names AS text[]));
+
+-- name: flow_buckets_save
+-- Move rate buckets after a claim; a bucket whose time has passed says nothing more than a
+-- missing one (a full bucket), so those of these limits are dropped (the table stays small).
+WITH saved AS (
+    INSERT INTO {s}.flow_buckets AS b (limit_name, partition, tat)
+    SELECT n, p, to_timestamp(t)
+    FROM unnest(CAST(:names AS text[]), CAST(:partitions AS text[]), CAST(:tats AS float8[]))
+         AS given(n, p, t)
+    ON CONFLICT (limit_name, partition) DO UPDATE SET tat = EXCLUDED.tat
+    RETURNING limit_name, partition
+)
+DELETE FROM {s}.flow_buckets b
+WHERE b.limit_name = ANY(CAST(:names AS text[])) AND b.tat < now()
+  AND NOT EXISTS (SELECT 1 FROM saved s WHERE s.limit_name = b.limit_name
+                                          AND s.partition = b.partition);
+
+-- name: operations_flow_candidates
+-- Due operations of limited types, first steps (these (type, lifecycle) pairs) and later ones
+-- (these (type, state) pairs), locked for the claim, with their partition under each limit
+-- given (kinds and paths, in order). Operations of a blocked (type, partition kind, path,
+-- value) are left out: a full partition does not crowd out the others. Two scans, each on the
+-- index of its states (one OR of both would scan the table).
+WITH blocked AS (
+    SELECT * FROM unnest(CAST(:x_types AS text[]), CAST(:x_kinds AS text[]),
+                         CAST(:x_paths AS text[]), CAST(:x_values AS text[]))
+         AS x(type, kind, path, value)
+), first_due AS MATERIALIZED (
+    SELECT o.id, o.operation_type, o.ordering_key, o.payload, o.priority, o.run_at
+    FROM {s}.operations o
+    WHERE o.state IN ('pending', 'failed')
+      AND o.channel = :channel
+      AND o.run_at <= now()
+      AND (o.operation_type, o.lifecycle) IN (
+          SELECT * FROM unnest(CAST(:operation_types AS text[]), CAST(:lifecycles AS text[])))
+      AND (o.ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {s}.operations p
+          WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+            AND p.state NOT IN ('succeeded', 'cancelled')))
+      AND NOT EXISTS (
+          SELECT 1 FROM blocked x
+          WHERE x.type = o.operation_type
+            AND x.value = coalesce(CASE x.kind WHEN 'ordering_key' THEN o.ordering_key
+                                    WHEN 'payload' THEN o.payload #>> string_to_array(x.path, '.')
+                                   END, ''))
+    ORDER BY o.priority DESC, o.run_at, o.id
+    LIMIT :scan
+    FOR UPDATE OF o SKIP LOCKED
+), step_due AS MATERIALIZED (
+    SELECT o.id, o.operation_type, o.ordering_key, o.payload, o.priority, o.run_at
+    FROM {s}.operations o
+    -- the predicate of the operations_resting index
+    WHERE o.lease_owner IS NULL
+      AND o.state NOT IN ('pending', 'claimed', 'failed', 'succeeded', 'dead', 'cancelled')
+      AND o.channel = :channel
+      AND o.run_at <= now()
+      AND (o.operation_type, o.state) IN (
+          SELECT * FROM unnest(CAST(:step_types AS text[]), CAST(:step_states AS text[])))
+      AND (o.ordering_key IS NULL OR NOT EXISTS (
+          SELECT 1 FROM {s}.operations p
+          WHERE p.ordering_key = o.ordering_key AND p.id < o.id
+            AND p.state NOT IN ('succeeded', 'cancelled')))
+      AND NOT EXISTS (
+          SELECT 1 FROM blocked x
+          WHERE x.type = o.operation_type
+            AND x.value = coalesce(CASE x.kind WHEN 'ordering_key' THEN o.ordering_key
+                                    WHEN 'payload' THEN o.payload #>> string_to_array(x.path, '.')
+                                   END, ''))
+    ORDER BY o.priority DESC, o.run_at, o.id
+    LIMIT :scan
+    FOR UPDATE OF o SKIP LOCKED
+)
+SELECT d.id, d.operation_type,
+       ARRAY(SELECT coalesce(CASE k.kind WHEN 'ordering_key' THEN d.ordering_key
+                              WHEN 'payload' THEN d.payload #>> string_to_array(k.path, '.')
+                             END, '')
+             FROM unnest(CAST(:kinds AS text[]), CAST(:paths AS text[])) WITH ORDINALITY
+                  AS k(kind, path, n)
+             ORDER BY k.n) AS partitions
+FROM (SELECT * FROM first_due UNION ALL SELECT * FROM step_due) AS d
+ORDER BY d.priority DESC, d.run_at, d.id;
+
+-- name: operations_flow_claim
+-- Lease these operations (chosen by the flow plan, locked by operations_flow_candidates in this
+-- transaction): a first step -> claimed, a later step leased in place; rows as the other claims.
+WITH claimed AS (
+    UPDATE {s}.operations o
+    SET state = CASE WHEN o.state IN ('pending', 'failed') THEN 'claimed' ELSE o.state END,
+        transition = 'claim', transition_actor = :worker_id,
+        attempts = o.attempts + 1, step_attempts = o.step_attempts + 1,
+        version = o.version + 1,
+        lease_owner = :worker_id,
+        lease_expires_at = now() + make_interval(secs => :lease_seconds)
+    WHERE o.id = ANY (CAST(:ids AS bigint[]))
+    RETURNING o.id, o.operation_type, o.state, o.payload, o.attempts, o.step_attempts,
+              o.max_attempts, o.version, o.idempotency_key, o.priority, o.run_at,
+              o.trace_context,
+              CAST(EXTRACT(epoch FROM now() - o.run_at) AS float8) AS queue_age_seconds
+)
+SELECT id, operation_type, state, payload, attempts, step_attempts, max_attempts, version,
+       idempotency_key, trace_context, queue_age_seconds
+FROM claimed
+ORDER BY priority DESC, run_at, id;

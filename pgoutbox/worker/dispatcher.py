@@ -39,6 +39,7 @@ from pgoutbox.router import HandlerSpec
 from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
+from pgoutbox.worker.flow_gate import FlowGate
 
 log = logging.getLogger("pgoutbox.worker")
 handler_log = logging.getLogger("pgoutbox.handler")
@@ -112,10 +113,15 @@ class Dispatcher:
         self._schema, self._handlers, self.worker_id = schema, handlers, worker_id
         self._sessions = sessions
         self._types = sorted(handlers)
-        self._lifecycles = [handlers[t].lifecycle.name for t in self._types]
+        self._lifecycle_of = {t: handlers[t].lifecycle.name for t in self._types}
         later = [(t, s) for t in self._types for s in sorted(handlers[t].lifecycle.step_states)]
+        self._step_pairs = later
         self._step_types = [t for t, _ in later]
-        self._step_states = [s for _, s in later]
+        # Limits and pauses: which types the ordinary statements claim, which only the gate.
+        self._gate = FlowGate(
+            queries, schema, settings.channel, handlers, settings.poll_interval_seconds
+        )
+        self._rate_wait: float | None = None  # until a rate-limited start conforms
         # A worker with later steps claims them first, so only the claim loop claims for it.
         self._record_claims = not self._step_types
         # Room for one more batch than the handlers can run: the next claim overlaps the
@@ -230,7 +236,8 @@ class Dispatcher:
             # Outcomes waiting or being recorded: that recording claims what they free, and
             # wakes this loop if it leaves room. Claiming here too would only split one
             # statement into two. (The poll interval is the backstop, as everywhere.)
-            if self._orphans or (self._record_claims and (self._outcomes or self._recording)):
+            recorder_claims = self._record_claims and not self._gate.limited_types
+            if self._orphans or (recorder_claims and (self._outcomes or self._recording)):
                 timeout = poll
             elif (room := self._room()) > 0:
                 want = min(room, self._settings.batch_size)
@@ -247,6 +254,8 @@ class Dispatcher:
                 if want and len(claimed) == want:
                     continue  # a full batch: more may be due right now
                 timeout = await self._idle_timeout() if want else poll
+                if want and self._rate_wait is not None:
+                    timeout = min(timeout, self._rate_wait)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -257,22 +266,36 @@ class Dispatcher:
         with self._reserve(limit):
             async with self._pool.acquire() as conn:
                 started = time.perf_counter()
-                if self._step_types:
+                await self._refresh_gate(conn)
+                free = set(self._gate.free_types)
+                steps = [(t, s) for t, s in self._step_pairs if t in free]
+                if steps:
                     q = self._q["operations_claim_steps"]
                     rows += await q.fetch(
                         conn,
                         channel=self._settings.channel,
                         worker_id=self.worker_id,
                         lease_seconds=self._settings.lease_seconds,
-                        step_types=self._step_types,
-                        step_states=self._step_states,
+                        step_types=[t for t, _ in steps],
+                        step_states=[s for _, s in steps],
                         batch_size=limit,
                     )
-                if len(rows) < limit:
+                if len(rows) < limit and free:
                     q = self._q["operations_record_and_claim"]
                     rows += await q.fetch(
                         conn, **NOTHING_RECORDED, **self._claim_args(limit - len(rows))
                     )
+                self._rate_wait = None
+                if len(rows) < limit and self._gate.limited_types:
+                    leased, self._rate_wait = await self._gate.claim(
+                        conn,
+                        want=limit - len(rows),
+                        worker_id=self.worker_id,
+                        lease_seconds=self._settings.lease_seconds,
+                        lifecycles=self._lifecycle_of,
+                        step_pairs=self._step_pairs,
+                    )
+                    rows += leased
                 elapsed = time.perf_counter() - started
             return self._queue_claimed(rows, elapsed)
 
@@ -323,15 +346,22 @@ class Dispatcher:
             if not self._reserved:
                 self._no_claims.set()
 
+    async def _refresh_gate(self, conn: asyncpg.Connection) -> None:
+        """Read the limits' overrides and the pauses again if a poll interval has passed."""
+        if self._gate.refresh_due():
+            await self._gate.refresh(conn)
+
     def _claim_args(self, limit: int) -> dict[str, Any]:
-        """The claiming parameters of ``operations_record_and_claim``: up to ``limit``."""
+        """The claiming parameters of ``operations_record_and_claim``: up to ``limit`` of the
+        types neither paused nor limited."""
+        types = self._gate.free_types
         return {
             "channel": self._settings.channel,
             "worker_id": self.worker_id,
             "lease_seconds": self._settings.lease_seconds,
-            "operation_types": self._types,
-            "lifecycles": self._lifecycles,
-            "batch_size": limit,
+            "operation_types": types,
+            "lifecycles": [self._lifecycle_of[t] for t in types],
+            "batch_size": limit if types else 0,
         }
 
     def _queue_claimed(self, rows: list[asyncpg.Record], elapsed: float) -> list[Claimed]:
@@ -370,15 +400,18 @@ class Dispatcher:
         interval."""
         poll = self._settings.poll_interval_seconds
         q = self._q["operations_next_run_at"]
+        paused = set(self._gate.paused_types)
+        types = [t for t in self._types if t not in paused]
+        steps = [(t, s) for t, s in self._step_pairs if t not in paused]
         try:
             async with self._pool.acquire() as conn:
                 wait = await q.fetchval(
                     conn,
                     channel=self._settings.channel,
-                    operation_types=self._types,
-                    has_steps=bool(self._step_types),
-                    step_types=self._step_types,
-                    step_states=self._step_states,
+                    operation_types=types,
+                    has_steps=bool(steps),
+                    step_types=[t for t, _ in steps],
+                    step_states=[s for _, s in steps],
                 )
         except CONNECTION_ERRORS:
             return poll
@@ -668,6 +701,8 @@ class Dispatcher:
         with self._reserve(want):
             try:
                 async with self._pool.acquire() as conn:
+                    if want:
+                        await self._refresh_gate(conn)
                     started = time.perf_counter()
                     rows = await q.fetch(conn, **_success_args(successes), **self._claim_args(want))
                     elapsed = time.perf_counter() - started
