@@ -1,4 +1,5 @@
-"""DESIGN §7: bad input gets a clear error naming the bad value, and nothing is written.
+"""DESIGN §7: bad input gets a clear error naming the bad value, and nothing is written --
+on every way to publish (an AsyncSession, a sync Session, psycopg, Django: publishkit.py).
 
 The many refusal cases share one schema migrated for this module (nothing should be written
 there, and each test checks that its own counts did not move); tests that do write use the
@@ -14,14 +15,9 @@ from typing import Any
 
 import asyncpg
 import pytest
+from publishkit import PATHS, PublishPath
 
-from pgoutbox import (
-    DatabaseSessionManager,
-    PublishError,
-    migrations,
-    publish_many,
-    publish_operation,
-)
+from pgoutbox import PublishError, migrations
 from pgoutbox.settings import DatabaseSettings
 
 VALID: dict[str, Any] = {
@@ -122,24 +118,29 @@ async def shared_settings(database_dsn: str) -> AsyncIterator[DatabaseSettings]:
         await conn.close()
 
 
-@pytest.fixture(scope="module")
-async def shared_sm(shared_settings: DatabaseSettings) -> AsyncIterator[DatabaseSessionManager]:
-    manager = DatabaseSessionManager(shared_settings)
-    yield manager
-    await manager.close()
+@pytest.fixture(scope="module", params=PATHS)
+async def shared(
+    request: pytest.FixtureRequest, shared_settings: DatabaseSettings
+) -> AsyncIterator[PublishPath]:
+    """Each way to publish in turn, on the module's schema."""
+    if request.param == "django":
+        request.getfixturevalue("django_database")
+    path = PublishPath(request.param, shared_settings)
+    yield path
+    await path.close()
 
 
 @pytest.fixture
-async def small_sm(db_settings: DatabaseSettings) -> AsyncIterator[DatabaseSessionManager]:
-    """A session manager whose payload limit is 100 bytes."""
-    manager = DatabaseSessionManager(db_settings.model_copy(update={"max_payload_bytes": 100}))
-    yield manager
-    await manager.close()
+async def small(publish_path: str, db_settings: DatabaseSettings) -> AsyncIterator[PublishPath]:
+    """The test's way to publish, with a payload limit of 100 bytes."""
+    path = PublishPath(publish_path, db_settings.model_copy(update={"max_payload_bytes": 100}))
+    yield path
+    await path.close()
 
 
 @pytest.mark.parametrize(("argument", "value", "message"), BAD_ARGUMENTS)
 async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothing(
-    shared_sm: DatabaseSessionManager,
+    shared: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
     argument: str,
@@ -147,10 +148,9 @@ async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothi
     message: str,
 ) -> None:
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared_sm.session() as session:
+    async with shared.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
-            await publish_operation(session, **{**VALID, argument: value})
-        await session.commit()
+            await tx.publish(**{**VALID, argument: value})
 
     assert message in str(excinfo.value)
     assert await _counts(conn, shared_settings.schema_name) == before
@@ -158,7 +158,7 @@ async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothi
 
 @pytest.mark.parametrize(("argument", "value", "message"), BAD_ARGUMENTS)
 async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing_of_the_batch(
-    shared_sm: DatabaseSessionManager,
+    shared: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
     argument: str,
@@ -167,10 +167,9 @@ async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing
 ) -> None:
     batch = [VALID, {**VALID, "idempotency_key": "fine"}, {**VALID, argument: value}, VALID]
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared_sm.session() as session:
+    async with shared.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
-            await publish_many(session, batch)
-        await session.commit()
+            await tx.publish_many(batch)
 
     assert str(excinfo.value).startswith("operations[2]: ")
     assert message in str(excinfo.value)
@@ -178,15 +177,14 @@ async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing
 
 
 async def test_payload_over_the_configured_limit_is_refused_with_its_size(
-    small_sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    small: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
     too_big = {"b": "x" * 92}  # 101 bytes as JSON
-    async with small_sm.session() as session:
+    async with small.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
-            await publish_operation(session, "billing.charge", too_big, "workflow")
+            await tx.publish("billing.charge", too_big, "workflow")
         with pytest.raises(PublishError, match=r"^operations\[1\]: payload .* is 101 bytes"):
-            await publish_many(session, [VALID, {**VALID, "payload": too_big}])
-        await session.commit()
+            await tx.publish_many([VALID, {**VALID, "payload": too_big}])
 
     assert str(excinfo.value).startswith(
         "payload of 'billing.charge' is 101 bytes as JSON, over the limit of 100"
@@ -196,33 +194,30 @@ async def test_payload_over_the_configured_limit_is_refused_with_its_size(
 
 
 async def test_payload_size_limit_counts_utf8_bytes(
-    small_sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    small: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
-    async with small_sm.session() as session:
+    async with small.transaction() as tx:
         with pytest.raises(PublishError, match="is 109 bytes as JSON"):
-            await publish_operation(session, "t", {"b": "é" * 50}, "workflow")  # 50 characters
-        await session.commit()
+            await tx.publish("t", {"b": "é" * 50}, "workflow")  # 50 characters
 
     assert await _counts(conn, db_settings.schema_name) == (0, 0)
 
 
 async def test_payload_exactly_at_the_limit_is_accepted(
-    small_sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    small: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
-    async with small_sm.session() as session:
-        await publish_operation(session, "billing.charge", {"b": "x" * 91}, "workflow")
-        await session.commit()
+    async with small.transaction() as tx:
+        await tx.publish("billing.charge", {"b": "x" * 91}, "workflow")
 
     assert await _counts(conn, db_settings.schema_name) == (1, 1)
 
 
 async def test_backslash_u0000_text_is_not_mistaken_for_a_nul(
-    sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    publisher: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
     path = "C:\\u0000\\dir"  # a backslash followed by "u0000": ordinary text
-    async with sm.session() as session:
-        op_id = await publish_operation(session, "files.copy", {"path": path}, "workflow")
-        await session.commit()
+    async with publisher.transaction() as tx:
+        op_id = await tx.publish("files.copy", {"path": path}, "workflow")
 
     stored = await conn.fetchval(
         f"SELECT payload->>'path' FROM \"{db_settings.schema_name}\".operations WHERE id = $1",
@@ -244,48 +239,45 @@ async def test_backslash_u0000_text_is_not_mistaken_for_a_nul(
     ],
 )
 async def test_publish_many_refuses_unknown_keys_naming_them_and_writes_nothing(
-    shared_sm: DatabaseSessionManager,
+    shared: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
     item: dict[str, Any],
     message: str,
 ) -> None:
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared_sm.session() as session:
+    async with shared.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
-            await publish_many(session, [VALID, item])
-        await session.commit()
+            await tx.publish_many([VALID, item])
 
     assert str(excinfo.value).startswith(f"operations[1]: {message}; allowed: ")
     assert await _counts(conn, shared_settings.schema_name) == before
 
 
 async def test_publish_many_item_without_payload_is_refused(
-    shared_sm: DatabaseSessionManager,
+    shared: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
 ) -> None:
     item = {"operation_type": "billing.charge", "channel": "workflow"}
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared_sm.session() as session:
+    async with shared.transaction() as tx:
         with pytest.raises(PublishError, match=r"^operations\[0\]: payload is required"):
-            await publish_many(session, [item])
-        await session.commit()
+            await tx.publish_many([item])
 
     assert await _counts(conn, shared_settings.schema_name) == before
 
 
 async def test_refused_publish_leaves_the_callers_transaction_usable(
-    sm: DatabaseSessionManager, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    publisher: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
-    async with sm.session() as session:
-        before = await publish_operation(session, **VALID)
+    async with publisher.transaction() as tx:
+        before = await tx.publish(**VALID)
         with pytest.raises(PublishError):
-            await publish_operation(session, **{**VALID, "payload": {1, 2}})
+            await tx.publish(**{**VALID, "payload": {1, 2}})
         with pytest.raises(PublishError):
-            await publish_many(session, [VALID, {**VALID, "channel": "bad;channel"}])
-        after = await publish_operation(session, **VALID)
-        await session.commit()
+            await tx.publish_many([VALID, {**VALID, "channel": "bad;channel"}])
+        after = await tx.publish(**VALID)
 
     rows = await conn.fetch(f'SELECT id FROM "{db_settings.schema_name}".operations ORDER BY id')
     assert [r["id"] for r in rows] == [before, after]
