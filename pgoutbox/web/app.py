@@ -17,6 +17,7 @@ import hmac
 import inspect
 import io
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -112,6 +113,7 @@ class Console:
             autoescape=select_autoescape(default=True, default_for_string=True),
         )
         self.templates.filters["visible"] = _visible
+        self.templates.filters["lines"] = _visible_lines
         self.templates.filters["when"] = _when
         self.templates.filters["seconds"] = _seconds
 
@@ -410,7 +412,7 @@ async def _operation(console: Console, request: Request) -> tuple[str, dict[str,
     if op is not None and op.state in lifecycle.parking and op.lease_owner is None:
         fire_triggers = sorted(lifecycle.exits(op.state))
     possible = set(lifecycle.allowed_triggers(op.state)) if op is not None else set()
-    payload = json.dumps(detail.payload, indent=2, ensure_ascii=False, sort_keys=True)
+    payload = _payload_text(detail.payload)
     return "operation.html", {
         "d": detail,
         "op": op,
@@ -651,9 +653,24 @@ async def _static(request: Request) -> Response:
 
 # -- filters ---------------------------------------------------------------------------------
 
+_C1_AND_DEL: Final = re.compile("[\x7f-\x9f]")
+
+
+def _payload_text(payload: Any) -> str:
+    """The payload as indented JSON that is still valid JSON, with every control character
+    written as an escape: JSON escapes C0 itself; DEL and C1, which it would keep, as
+    ``\\u00XX``."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False, sort_keys=True)
+    return _C1_AND_DEL.sub(lambda m: f"\\u{ord(m[0]):04x}", text)
+
 
 def _visible(value: Any) -> str:
     return "" if value is None else visible(str(value))
+
+
+def _visible_lines(value: Any) -> str:
+    """:func:`_visible` keeping line breaks, for payloads, errors and tracebacks in ``<pre>``."""
+    return "" if value is None else "\n".join(visible(line) for line in str(value).split("\n"))
 
 
 def _when(value: datetime | None) -> str:

@@ -17,8 +17,9 @@ from markupsafe import Markup
 
 from pgoutbox.lifecycle import FINISHED_STATES, PENDING, Lifecycle
 
-# Triggers pgoutbox's own machinery fires (rescue, release, operators): drawn dashed, and not
-# used to place states, so that the drawing reads left to right along the way an operation goes.
+# Triggers pgoutbox's own machinery fires (rescue, release, operators): drawn dashed when an
+# operation took one. States are placed along the main path only (Lifecycle._main_path, what
+# `pgoutbox lifecycle show` draws), so the drawing reads left to right the way operations go.
 MACHINERY = frozenset({"lose", "release", "retry", "replay", "cancel", "reject"})
 
 _COLUMN = 190
@@ -29,10 +30,10 @@ _MARGIN = 24
 
 
 def _columns(lifecycle: Lifecycle) -> dict[str, int]:
-    """Each state's column: its distance from ``pending`` along non-machinery transitions."""
+    """Each state's column: its distance from ``pending`` along the lifecycle's main path."""
     forward: dict[str, set[str]] = {}
-    for t in lifecycle.transitions:
-        if t.trigger not in MACHINERY and t.to_state != PENDING:
+    for t in lifecycle._main_path():
+        if t.to_state != PENDING:
             forward.setdefault(t.from_state, set()).add(t.to_state)
     depth = {PENDING: 0}
     queue = deque([PENDING])
@@ -69,17 +70,23 @@ def lifecycle_svg(
     taken_pairs = {(a, b) for a, b in taken}
     visited = {b for _, b in taken_pairs} | {a for a, _ in taken_pairs if a is not None}
 
+    # The path an operation takes, as `pgoutbox lifecycle show` draws it, and whatever else
+    # this operation took (a retry, a replay): every machinery edge would hide the shape.
+    main = lifecycle._main_path()
+    shown = [
+        t for t in lifecycle.transitions if t in main or (t.from_state, t.to_state) in taken_pairs
+    ]
     edges: dict[tuple[str, str], list[str]] = {}
-    for t in sorted(lifecycle.transitions, key=lambda t: (t.from_state, t.trigger, t.to_state)):
+    for t in sorted(shown, key=lambda t: (t.from_state, t.trigger, t.to_state)):
         edges.setdefault((t.from_state, t.to_state), []).append(t.trigger)
 
     parts = [
         f'<svg class="lifecycle" xmlns="http://www.w3.org/2000/svg" width="{width}" '
         f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="lifecycle {escape(lifecycle.name)}">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
-        'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z"/></marker>'
-        "</defs>",
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="8" '
+        'markerHeight="8" markerUnits="userSpaceOnUse" orient="auto-start-reverse">'
+        '<path d="M0,0 L10,5 L0,10 z"/></marker></defs>',
     ]
     for (source, target), triggers in edges.items():
         machinery = all(trigger in MACHINERY for trigger in triggers)
