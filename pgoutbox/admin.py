@@ -272,6 +272,7 @@ class Stats:
     total: TypeStats
     by_type: list[TypeStats]
     oldest_pending_id: int | None
+    pauses: list[PauseInfo] = dataclasses.field(default_factory=list)  # in force now
 
 
 @dataclass(frozen=True)
@@ -503,6 +504,7 @@ class Admin:
             counts = await self._q["operations_admin_stats"].fetch(conn)
             outcomes = await self._q["audit_log_attempt_outcomes"].fetch(conn, since=since_at)
             oldest = await self._q["operations_oldest_pending"].fetchrow(conn)
+            paused = await flow_admin.pauses(conn, self._q)
         per_type: dict[str, dict[str, int]] = {}
         waiting: dict[str, float] = {}
         for row in counts:
@@ -527,7 +529,7 @@ class Admin:
             sum(t.finished_attempts for t in by_type),
             sum(t.failed_attempts for t in by_type),
         )
-        return Stats(now, since_at, total, by_type, oldest["id"] if oldest else None)
+        return Stats(now, since_at, total, by_type, oldest["id"] if oldest else None, paused)
 
     async def workers(self) -> list[WorkerInfo]:
         """Registered workers, whether each is live, and the operations each holds."""

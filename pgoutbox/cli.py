@@ -21,7 +21,7 @@ import asyncpg
 import click
 from pydantic import ValidationError
 
-from pgoutbox import cli_ops, integrity, migrations
+from pgoutbox import cli_flow, cli_ops, integrity, migrations
 from pgoutbox.cli_errors import (
     DATABASE_ERRORS,
     CliError,
@@ -463,6 +463,7 @@ def web(
 
 # -- operator tools: `ops`, `audit report`, `stats`, `workers` (pgoutbox/cli_ops.py) -----------
 cli_ops.register(cli, audit)
+cli_flow.register(cli)  # `pause`, `resume`, `limits` (pgoutbox/cli_flow.py)
 
 
 def _accept_database_options_after_commands(group: click.Group) -> None:

@@ -35,6 +35,7 @@ from pgoutbox.admin import (
     PURGE_BATCH_SIZE,
     ActionResult,
     Admin,
+    Operation,
     OperationDetail,
     OperationFilter,
     Stats,
@@ -44,7 +45,8 @@ from pgoutbox.admin import (
 )
 from pgoutbox.audit import AuditVerification
 from pgoutbox.cli_errors import DATABASE_ERRORS, database_error, visible
-from pgoutbox.lifecycle import DEFAULT_LIFECYCLE
+from pgoutbox.flow_admin import PauseInfo
+from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, FINISHED_STATES
 from pgoutbox.settings import DatabaseSettings
 
 T = TypeVar("T")
@@ -438,10 +440,15 @@ def ops_list(
     filters = OperationFilter(
         states, operation_types, channels, since, until, stale, older_than, limit
     )
-    operations = _run(obj, lambda admin: admin.list_operations(filters), live_within)
+
+    async def listed(admin: Admin) -> tuple[list[Operation], list[PauseInfo]]:
+        return await admin.list_operations(filters), await admin.pauses()
+
+    operations, pauses = _run(obj, listed, live_within)
     if as_json_:
         _print_json(operations)
         return
+    paused = {(p.scope, p.target) for p in pauses}
     table = Table(title=_count(len(operations), "operation") + (" (stale)" if stale else ""))
     _add_columns(
         table,
@@ -458,7 +465,13 @@ def ops_list(
             _text(op.id),
             _text(op.operation_type),
             _text(op.channel),
-            _state(op.state),
+            _state(op.state)
+            + (
+                " (paused)"
+                if op.state not in FINISHED_STATES
+                and {("type", op.operation_type), ("channel", op.channel)} & paused
+                else ""
+            ),
             _text(f"{op.attempts}/{op.max_attempts}" if op.max_attempts else op.attempts),
             _time(op.updated_at),
             _text(
@@ -467,7 +480,10 @@ def ops_list(
                 else _first_line(op.last_error, 60)
             ),
         )
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for p in pauses:
+        console.print(_text(f"paused: {p.what} by {p.paused_by}: {p.reason}", "yellow"))
 
 
 @ops.command("show")
@@ -934,6 +950,11 @@ def _print_stats(console: Console, result: Stats) -> None:
                 f"{format_seconds(total.oldest_pending_seconds)}"
             )
         )
+    for p in result.pauses:
+        console.print(
+            _text(f"paused: {p.what} since {p.paused_at:%Y-%m-%d %H:%M:%S%z} by {p.paused_by}: "
+                  f"{p.reason}", "yellow")
+        )  # fmt: skip
     console.print(
         Text(
             f"failure rate since {_time(result.since)}: {total.failed_attempts} of "

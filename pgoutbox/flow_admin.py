@@ -210,8 +210,9 @@ async def override_limit(
         raise FlowControlError(str(exc)) from None
     known = {info.name: info for info in await limits(conn, q)}
     if name not in known:
-        names = ", ".join(sorted(known)) or "none is declared yet (a worker declares its "
-        "router's limits when it starts)"
+        names = ", ".join(sorted(known)) or (
+            "none yet (a worker declares its router's limits when it starts)"
+        )
         raise FlowControlError(f"no limit named {name!r}; declared limits: {names}")
     await q["flow_overrides_add"].execute(
         conn,

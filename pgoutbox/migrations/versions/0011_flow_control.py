@@ -1,3 +1,4 @@
+# ruff: noqa: E501  (SQL error messages and comments are kept on one line so they grep well)
 """Flow control: concurrency and rate limits, and pauses, kept in the database.
 
 Revision ID: 0011_flow_control
