@@ -46,8 +46,13 @@ BUILTIN_STATES: Final = frozenset({PENDING, CLAIMED, SUCCEEDED, FAILED, DEAD, CA
 # working state to send a step that gives up somewhere other than ``dead`` (compensation), and
 # ``cancel`` from an extra state.
 RESERVED_TRIGGERS: Final = frozenset(
-    {"publish", "claim", "fail", "lose", "release", "retry", "replay", "reject"}
+    {"publish", "claim", "fail", "lose", "release", "retry", "replay", "reject", "snooze", "abort"}
 )
+# A running step's snooze (Retry-After: wait without spending an attempt) and an abort (its
+# handler stopped at an operator's request) leave every working state: the first step's for
+# pending and cancelled, a later step's for itself and cancelled.
+SNOOZE: Final = "snooze"
+ABORT: Final = "abort"
 GIVE_UP: Final = "give_up"
 
 _NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,62}")
@@ -458,8 +463,10 @@ def _define(
         Transition(PENDING, "cancel", CANCELLED),
         Transition(FAILED, "cancel", CANCELLED),
         Transition(DEAD, "cancel", CANCELLED),
+        Transition(CLAIMED, SNOOZE, PENDING),
     ]
     for state in sorted(working):
+        machinery.append(Transition(state, ABORT, CANCELLED))
         if (state, GIVE_UP) not in seen:
             machinery.append(Transition(state, GIVE_UP, DEAD))
         machinery.append(Transition(state, "lose", DEAD))
@@ -467,6 +474,7 @@ def _define(
         # A later step rests in its own state between attempts and is claimed in place.
         machinery += [Transition(state, trigger, state) for trigger in ("claim", "fail", "lose")]
         machinery += [Transition(state, "release", state), Transition(state, "retry", state)]
+        machinery.append(Transition(state, SNOOZE, state))
     for final in (DEAD, CANCELLED):
         # Replay resumes where the operation stopped, never before: no step runs twice.
         machinery += [Transition(final, "replay", s) for s in (PENDING, *extra)]
@@ -537,5 +545,9 @@ DEFAULT_LIFECYCLE: Final = Lifecycle.declare(
         # Operators: dead is acknowledged as not pursued (and ordering keys released) (0006).
         {"trigger": "cancel", "source": [PENDING, FAILED, DEAD], "dest": CANCELLED},
         {"trigger": "replay", "source": [DEAD, CANCELLED], "dest": PENDING},
+        # The handler asked to wait (Snooze / Retry-After), its attempt given back (0012).
+        {"trigger": SNOOZE, "source": CLAIMED, "dest": PENDING},
+        # Operators: a running handler stopped on request, recorded by its worker (0012).
+        {"trigger": ABORT, "source": CLAIMED, "dest": CANCELLED},
     ],
 )

@@ -32,10 +32,13 @@ KINDS = ("publisher", "worker", "operator", "auditor")
 WORKER_UPDATES = (
     "state", "transition", "transition_actor", "transition_detail", "attempts", "step_attempts",
     "max_attempts", "version", "lease_owner", "lease_expires_at", "run_at", "last_error",
+    "snoozes",
 )  # fmt: skip
 OPERATOR_UPDATES = (
     "state", "transition", "transition_actor", "transition_detail", "step_attempts",
     "max_attempts", "version", "run_at",
+    # a request to cancel a running attempt (its trigger stamps time, role and version)
+    "cancel_requested_by", "cancel_request_reason",
 )  # fmt: skip
 
 

@@ -212,6 +212,26 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         ),
         Column("audit_db_role", Text, nullable=True),
         Column("audit_kind", Text, nullable=True),
+        Column(
+            "snoozes",
+            Integer,
+            nullable=False,
+            server_default=_ZERO,
+            comment="Times a handler snoozed the operation (Snooze / Retry-After): each gave its "
+            "step the attempt back.",
+        ),
+        Column("cancel_requested_at", _timestamptz(), nullable=True),
+        Column(
+            "cancel_requested_by",
+            Text,
+            nullable=True,
+            comment="The operator who asked that the running attempt be cancelled (with "
+            "cancel_requested_at, cancel_request_reason, cancel_requested_role and "
+            "cancel_request_version, the version of the attempt it is for).",
+        ),
+        Column("cancel_request_reason", Text, nullable=True),
+        Column("cancel_requested_role", Text, nullable=True),
+        Column("cancel_request_version", BigInteger, nullable=True),
         PrimaryKeyConstraint("id", name="operations_pkey"),
         CheckConstraint("max_attempts >= 1", name="operations_max_attempts_check"),
     )

@@ -54,6 +54,7 @@ PGOUTBOX_TRIGGERS = {
     ("operations", "b_operations_before_update"),
     ("operations", "a_operations_settled"),
     ("operations", "a_operations_heartbeat"),
+    ("operations", "a_operations_cancel_request"),
     ("operations", "b_operations_after_update"),
     ("operations", "c_operations_before_delete"),
     ("operations", "c_operations_no_truncate"),
@@ -136,11 +137,13 @@ def test_invalid_schema_name_is_refused_before_any_sql() -> None:
 
 def test_default_lifecycle_in_the_migrations_equals_the_lifecycle_module() -> None:
     # 0001 installs the default lifecycle; 0002 adds "retry", 0006 "cancel" from dead. Together
-    # they are the module's.
+    # they are the module's, with 0012's snooze and abort.
     script = ScriptDirectory.from_config(migrations.alembic_config("pgoutbox"))
     initial = script.get_revision("0001_initial")
     operator_tools = script.get_revision("0002_operator_tools")
     custom_lifecycles = script.get_revision("0006_custom_lifecycles")
+    running_controls = script.get_revision("0012_running_controls")
+    assert running_controls is not None
     assert initial is not None
     assert operator_tools is not None
     assert custom_lifecycles is not None
@@ -148,6 +151,7 @@ def test_default_lifecycle_in_the_migrations_equals_the_lifecycle_module() -> No
         *initial.module.DEFAULT_TRANSITIONS,
         *operator_tools.module.ADDED_DEFAULT_TRANSITIONS,
         *custom_lifecycles.module.ADDED_DEFAULT_TRANSITIONS,
+        *running_controls.module.ADDED_DEFAULT_TRANSITIONS,
     ]
     assert len(rows) == len(set(rows))
     assert sorted(("default", *row) for row in rows) == DEFAULT_LIFECYCLE.rows()

@@ -30,6 +30,10 @@ DESIGN_TRANSITIONS = {
     # 0006: an operator acknowledges a dead operation will not be pursued (and releases the
     # operations ordered after it by an ordering key).
     ("dead", "cancel", "cancelled"),
+    # 0012: a handler snoozes (Retry-After) without spending an attempt; a running handler is
+    # stopped at an operator's request.
+    ("claimed", "snooze", "pending"),
+    ("claimed", "abort", "cancelled"),
 }
 
 
@@ -164,6 +168,7 @@ def test_migrations_install_the_default_lifecycle_rows() -> None:
         *_migration("0001_initial.py").DEFAULT_TRANSITIONS,
         *_migration("0002_operator_tools.py").ADDED_DEFAULT_TRANSITIONS,
         *_migration("0006_custom_lifecycles.py").ADDED_DEFAULT_TRANSITIONS,
+        *_migration("0012_running_controls.py").ADDED_DEFAULT_TRANSITIONS,
     ]
 
     assert len(installed) == len(set(installed))

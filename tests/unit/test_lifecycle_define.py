@@ -173,6 +173,8 @@ def test_reserved_triggers_are_exactly_the_ones_pgoutbox_fires() -> None:
         "replay",
         "reject",
         "publish",
+        "snooze",  # a handler's Snooze (Retry-After), 0012
+        "abort",  # a running handler stopped at an operator's request, 0012
     } == RESERVED_TRIGGERS
 
 
@@ -471,8 +473,22 @@ def test_refund_rows_are_exactly_declared_plus_machinery() -> None:
         for trigger in ("claim", "fail", "lose", "release", "retry")
     }
     replay = {(f, "replay", s) for f in ("dead", "cancelled") for s in ("pending", *EXTRA)}
+    # 0012: every working step snoozes (the first back to pending, a later one in place) and
+    # is aborted to cancelled at an operator's request.
+    working = ("claimed", "approved", "charged", "compensating")
+    running_controls = {
+        ("claimed", "snooze", "pending"),
+        *((s, "snooze", s) for s in working[1:]),
+        *((s, "abort", "cancelled") for s in working),
+    }
     expected = (
-        declared | first_step_and_operators | give_up_to_dead | lost_to_dead | in_place | replay
+        declared
+        | first_step_and_operators
+        | give_up_to_dead
+        | lost_to_dead
+        | in_place
+        | replay
+        | running_controls
     )
 
     rows = REFUND.rows()
