@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 
 class DoNotRetry(Exception):
@@ -16,6 +17,15 @@ class DoNotRetry(Exception):
 
 class SessionControlError(RuntimeError):
     """A handler tried to control the dispatcher-managed transaction."""
+
+
+def _refuse_control(name: str) -> NoReturn:
+    raise SessionControlError(
+        f"ctx.session.{name}() is not allowed: pgoutbox commits the handler's writes together "
+        "with the operation's success, or rolls them back when the handler raises. Raise an "
+        "exception to fail the attempt; use ctx.session.unsafe only if you accept losing "
+        "that guarantee."
+    )
 
 
 class GuardedSession:
@@ -38,12 +48,7 @@ class GuardedSession:
         return getattr(self._session, name)
 
     def _refuse(self, name: str) -> NoReturn:
-        raise SessionControlError(
-            f"ctx.session.{name}() is not allowed: pgoutbox commits the handler's writes together "
-            "with the operation's success, or rolls them back when the handler raises. Raise an "
-            "exception to fail the attempt; use ctx.session.unsafe only if you accept losing "
-            "that guarantee."
-        )
+        _refuse_control(name)
 
     async def commit(self) -> NoReturn:
         """Refused: see the class docstring."""
@@ -66,6 +71,42 @@ class GuardedSession:
         self._refuse("begin_nested")
 
 
+class SyncGuardedSession:
+    """The synchronous ``Session`` of a transactional ``def`` handler, minus transaction control:
+    as :class:`GuardedSession`, with the same refusals and the same ``unsafe`` escape hatch."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    @property
+    def unsafe(self) -> Session:
+        """The raw session. Committing through it breaks pgoutbox's guarantees."""
+        return self._session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def commit(self) -> NoReturn:
+        """Refused: see :class:`GuardedSession`."""
+        _refuse_control("commit")
+
+    def rollback(self) -> NoReturn:
+        """Refused: see :class:`GuardedSession`."""
+        _refuse_control("rollback")
+
+    def close(self) -> NoReturn:
+        """Refused: see :class:`GuardedSession`."""
+        _refuse_control("close")
+
+    def begin(self) -> NoReturn:
+        """Refused: see :class:`GuardedSession`."""
+        _refuse_control("begin")
+
+    def begin_nested(self) -> NoReturn:
+        """Refused: see :class:`GuardedSession`."""
+        _refuse_control("begin_nested")
+
+
 @dataclass(frozen=True)
 class HandlerContext:
     """Everything a handler knows about the attempt it is running.
@@ -83,7 +124,7 @@ class HandlerContext:
     attempt: int
     max_attempts: int
     idempotency_key: str
-    session: GuardedSession | None
+    session: GuardedSession | SyncGuardedSession | None  # the latter for a `def` handler
     logger: logging.LoggerAdapter[logging.Logger]
     worker_id: str
     step: str = "claimed"

@@ -31,7 +31,8 @@ from pgoutbox.flow import Limit, LimitError, Rate
 from pgoutbox.lifecycle import CLAIMED, DEFAULT_LIFECYCLE, Lifecycle
 
 OnLost = Literal["retry", "dead"]
-Handler = Callable[[Any, Any], Awaitable[Any]]
+# `async def handler(ctx, payload)`, or a plain `def` one (run in a thread: sync_handlers.py).
+Handler = Callable[[Any, Any], Awaitable[Any]] | Callable[[Any, Any], Any]
 H = TypeVar("H", bound=Handler)
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_:-]*(\.[A-Za-z0-9_][A-Za-z0-9_:-]*)*")
@@ -177,8 +178,11 @@ class WorkflowRouter:
     ) -> Callable[[H], H]:
         """Register ``async def handler(ctx, payload)`` for ``operation_type``.
 
+        A plain ``def handler(ctx, payload)`` runs in the worker's thread pool (as many threads
+        as ``n_workers``), so blocking code does not stall the event loop (docs/sync.md).
         ``transactional=True`` runs it inside one dispatcher-managed transaction
-        (``ctx.session``) that commits together with the success transition.
+        (``ctx.session``; a synchronous ``Session`` for a ``def`` handler) that commits together
+        with the success transition.
         ``max_attempts`` caps attempts (default 5; per step), ``retry`` sets the backoff,
         ``on_lost`` says what happens when the worker is lost mid-handler: ``"retry"``
         (default) or ``"dead"`` for side effects that must never be repeated blindly.
@@ -217,10 +221,11 @@ class WorkflowRouter:
 
         def register(fn: H) -> H:
             handler = fn  # returned unchanged (iscoroutinefunction narrows fn's type below)
-            if not inspect.iscoroutinefunction(fn):
+            if not callable(fn) or inspect.isgeneratorfunction(fn):
                 raise RouterError(
-                    f"handler for {operation_type!r} must be an async function "
-                    f"`async def {getattr(fn, '__name__', 'handler')}(ctx, payload)`"
+                    f"handler for {operation_type!r} must be a function "
+                    f"`async def {getattr(fn, '__name__', 'handler')}(ctx, payload)` (or a "
+                    "plain `def`, run in a thread)"
                 )
             if key in self._own:
                 where = "" if step == CLAIMED else f" for step {step!r}"

@@ -27,19 +27,22 @@ import time
 import traceback
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pgoutbox import observability
-from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext
+from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SyncGuardedSession
 from pgoutbox.lifecycle import CLAIMED, DEAD, FAILED, FINISHED_STATES, PENDING
 from pgoutbox.router import HandlerSpec
 from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
 from pgoutbox.worker.flow_gate import FlowGate
+
+if TYPE_CHECKING:
+    from pgoutbox.worker.sync_handlers import SyncHandlers
 
 log = logging.getLogger("pgoutbox.worker")
 handler_log = logging.getLogger("pgoutbox.handler")
@@ -108,10 +111,12 @@ class Dispatcher:
         handlers: Mapping[str, HandlerSpec],
         worker_id: str,
         sessions: async_sessionmaker[AsyncSession] | None,
+        sync_handlers: SyncHandlers | None = None,  # where `def` handlers run
     ) -> None:
         self._pool, self._q, self._settings = pool, queries, settings
         self._schema, self._handlers, self.worker_id = schema, handlers, worker_id
         self._sessions = sessions
+        self._sync = sync_handlers
         self._types = sorted(handlers)
         self._lifecycle_of = {t: handlers[t].lifecycle.name for t in self._types}
         later = [(t, s) for t in self._types for s in sorted(handlers[t].lifecycle.step_states)]
@@ -461,7 +466,11 @@ class Dispatcher:
             payload = json.loads(op.payload)
             if op.spec.transactional:
                 return await self._execute_transactional(op, payload, ctx_logger)
-            result = await op.spec.fn(self._context(op, None, ctx_logger), payload)
+            ctx = self._context(op, None, ctx_logger)
+            if self._sync is not None and self._sync.handles(op.spec):
+                result = await self._sync.call(op.spec.fn, ctx, payload)
+            else:
+                result = await op.spec.fn(ctx, payload)
             trigger, to_state = _next_state(op, result)
             return Outcome(op, trigger=trigger, to_state=to_state)
         except LeaseLost:
@@ -486,6 +495,14 @@ class Dispatcher:
     async def _execute_transactional(
         self, op: Claimed, payload: Any, ctx_logger: logging.LoggerAdapter[logging.Logger]
     ) -> Outcome:
+        if self._sync is not None and self._sync.handles(op.spec):
+            return await self._sync.execute_transactional(
+                op,
+                payload,
+                lambda session: self._context(op, session, ctx_logger),
+                self._q["operations_record_success"],
+                self.worker_id,
+            )
         assert self._sessions is not None
         q = self._q["operations_record_success"]
         # The handler's writes and the success transition share this one transaction: the
@@ -509,7 +526,7 @@ class Dispatcher:
     def _context(
         self,
         op: Claimed,
-        session: GuardedSession | None,
+        session: GuardedSession | SyncGuardedSession | None,
         logger: logging.LoggerAdapter[logging.Logger],
     ) -> HandlerContext:
         return HandlerContext(

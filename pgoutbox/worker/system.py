@@ -16,6 +16,7 @@ from pgoutbox.settings import Settings
 from pgoutbox.sql import queries
 from pgoutbox.worker.dispatcher import Dispatcher
 from pgoutbox.worker.services import Heartbeat, Listener, Rescuer
+from pgoutbox.worker.sync_handlers import SyncHandlers
 
 log = logging.getLogger("pgoutbox.worker")
 
@@ -52,6 +53,7 @@ class WorkflowSystem:
         self._dispatcher: Dispatcher | None = None
         self._services: list[Heartbeat | Rescuer | Listener] = []
         self._engine: AsyncEngine | None = None
+        self._sync: SyncHandlers | None = None  # the threads of `def` handlers
 
     @property
     def dispatcher(self) -> Dispatcher:
@@ -107,8 +109,9 @@ class WorkflowSystem:
                 channel=ws.channel,
                 operation_types=sorted(self.handlers),
             )
+        self._sync = SyncHandlers.for_handlers(self.handlers, db, ws.n_workers, self._worker_key)
         dispatcher = Dispatcher(
-            self._pool, q, ws, db.schema_name, self.handlers, self.worker_id, sessions
+            self._pool, q, ws, db.schema_name, self.handlers, self.worker_id, sessions, self._sync
         )
         self._services = [
             Heartbeat(
@@ -168,6 +171,9 @@ class WorkflowSystem:
             if self._engine is not None:
                 await self._engine.dispose()
                 self._engine = None
+            if self._sync is not None:
+                self._sync.close()
+                self._sync = None
         log.info("worker %s stopped", self.worker_id)
 
     async def __aenter__(self) -> WorkflowSystem:
