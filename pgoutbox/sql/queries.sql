@@ -927,6 +927,8 @@ WHERE b.limit_name = ANY(CAST(:names AS text[])) AND b.tat < now()
 -- given (kinds and paths, in order). Operations of a blocked (type, partition kind, path,
 -- value) are left out: a full partition does not crowd out the others. Two scans, each on the
 -- index of its states (one OR of both would scan the table).
+-- Under the flow lock (one claim of these limits at a time), clock_timestamp() only grows from
+-- one claim to the next: the rate buckets see starts in the order they happen.
 WITH blocked AS (
     SELECT * FROM unnest(CAST(:x_types AS text[]), CAST(:x_kinds AS text[]),
                          CAST(:x_paths AS text[]), CAST(:x_values AS text[]))
@@ -982,7 +984,9 @@ SELECT d.id, d.operation_type,
                              END, '')
              FROM unnest(CAST(:kinds AS text[]), CAST(:paths AS text[])) WITH ORDINALITY
                   AS k(kind, path, n)
-             ORDER BY k.n) AS partitions
+             ORDER BY k.n) AS partitions,
+       -- the rates' clock: as late as possible before the claim, whose audit rows say when
+       CAST(EXTRACT(epoch FROM clock_timestamp()) AS float8) AS now
 FROM (SELECT * FROM first_due UNION ALL SELECT * FROM step_due) AS d
 ORDER BY d.priority DESC, d.run_at, d.id;
 

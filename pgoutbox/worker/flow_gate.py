@@ -230,6 +230,8 @@ class FlowGate:
                 )
                 for row in rows
             ]
+            if rows:
+                now = rows[0]["now"]
             plan = plan_claims(candidates, limits, running, buckets, now, want)
             leased: list[asyncpg.Record] = []
             if plan.ids:

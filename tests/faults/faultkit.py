@@ -123,6 +123,7 @@ class Supervisor:
     log_dir: Path
     size: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
+    app: str = "fault_app:system"  # module:attribute in tests/faults
     running: list[subprocess.Popen[bytes]] = field(default_factory=list)
     exits: Counter[int] = field(default_factory=Counter)
     started: int = 0
@@ -154,7 +155,7 @@ class Supervisor:
         with log:
             # stop() may SIGTERM a process spawned a moment before, still starting up.
             proc = spawn_holding_stop_signals(
-                pgoutbox_command("worker", "fault_app:system"),
+                pgoutbox_command("worker", self.app),
                 cwd=FAULTS_DIR,
                 env=self.environment(),
                 stdin=subprocess.DEVNULL,
