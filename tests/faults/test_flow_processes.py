@@ -42,9 +42,7 @@ async def workers(
     db_settings: DatabaseSettings, intervals: str, tmp_path: Path
 ) -> AsyncIterator[Supervisor]:
     """Four flow_app worker processes, stopped (SIGTERM) after the test."""
-    supervisor = Supervisor(
-        db_settings, "flow", intervals, tmp_path, size=4, app="flow_app:system"
-    )
+    supervisor = Supervisor(db_settings, "flow", intervals, tmp_path, size=4, app="flow_app:system")
     supervisor.start()
     try:
         yield supervisor
@@ -158,9 +156,12 @@ async def test_pause_stops_every_worker_within_a_poll_interval_and_resume_restar
     )
     dsn = ["--dsn", db_settings.dsn or "", "--schema", schema]
     deadline = time.monotonic() + DEADLINE
-    while await conn.fetchval(
-        f'SELECT count(*) FROM "{schema}".operations WHERE id = ANY($1) AND attempts > 0', ids
-    ) < 20:
+    while (
+        await conn.fetchval(
+            f'SELECT count(*) FROM "{schema}".operations WHERE id = ANY($1) AND attempts > 0', ids
+        )
+        < 20
+    ):
         assert time.monotonic() < deadline, workers.logs()
         await asyncio.sleep(0.05)
 
@@ -175,19 +176,19 @@ async def test_pause_stops_every_worker_within_a_poll_interval_and_resume_restar
     await asyncio.sleep(POLL_INTERVAL * 6)
     cutoff = pause["paused_at"] + timedelta(seconds=POLL_INTERVAL + 0.5)
     late_claims = await conn.fetchval(
-        f'SELECT count(*) FROM "{schema}".audit_log WHERE trigger = \'claim\' '
-        "AND recorded_at > $1",
+        f"SELECT count(*) FROM \"{schema}\".audit_log WHERE trigger = 'claim' AND recorded_at > $1",
         cutoff,
     )
     assert late_claims == 0
     waiting = await conn.fetchval(
-        f'SELECT count(*) FROM "{schema}".operations WHERE id = ANY($1) AND state = \'pending\'',
+        f"SELECT count(*) FROM \"{schema}\".operations WHERE id = ANY($1) AND state = 'pending'",
         ids,
     )
     assert waiting > 0  # paused work waits; running work finished (nothing is claimed now)
-    assert await conn.fetchval(
-        f"SELECT count(*) FROM \"{schema}\".operations WHERE state = 'claimed'"
-    ) == 0
+    assert (
+        await conn.fetchval(f"SELECT count(*) FROM \"{schema}\".operations WHERE state = 'claimed'")
+        == 0
+    )
 
     resumed = await run_cli(*dsn, "resume", "flow.free", "--actor", "bob", "--reason", "fixed")
     assert resumed.returncode == 0, resumed.stderr
