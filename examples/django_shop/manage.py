@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The test Django project's manage.py (tests/acceptance/test_django_project.py runs it)."""
+"""The example shop's manage.py: ``SHOP_DSN=postgresql://... python manage.py migrate``, then
+``pgoutbox_upgrade``, ``runserver`` and, beside it, ``pgoutbox_worker`` (docs/django.md)."""
 
 import os
 import sys

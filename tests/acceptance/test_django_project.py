@@ -1,5 +1,6 @@
-"""A Django project (tests/django_project) used through its management commands, each a process
-of its own, as a deploy would: Django's migrate, pgoutbox_upgrade, orders placed in a view
+"""A Django project (tests/django_project: the example shop of examples/django_shop plus a command
+that places orders through its view) used through its management commands, each a process of
+its own, as a deploy would: Django's migrate, pgoutbox_upgrade, orders placed in a view
 (publishing inside its atomic() block), and pgoutbox_worker handling them with def handlers."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""A small shop: orders placed in a view publish operations in the same atomic() block; a
-pgoutbox worker (`manage.py pgoutbox_worker`) charges and receipts them. The database comes
-from the SHOP_DSN environment variable (a postgresql:// URL)."""
+"""A small Django shop using pgoutbox: placing an order (shop/views.py) publishes its charge and
+its receipt in the same atomic() block as the order row; ``manage.py pgoutbox_worker`` runs
+shop/handlers.py's def handlers. The database comes from the SHOP_DSN environment variable (a
+postgresql:// URL). tests/django_project drives this project through its management commands."""
 
 import os
 
@@ -10,7 +11,7 @@ _db = parse_dsn(os.environ["SHOP_DSN"])
 
 SECRET_KEY = "tests-only"
 DEBUG = False
-ALLOWED_HOSTS = ["testserver"]
+ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
 USE_TZ = True
 ROOT_URLCONF = "shop.urls"
 INSTALLED_APPS = ["pgoutbox.contrib.django", "shop"]
