@@ -11,6 +11,7 @@ host's hook returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import hashlib
 import hmac
@@ -19,6 +20,7 @@ import io
 import json
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -47,7 +49,7 @@ from pgoutbox.cli_ops import REPORT_COLUMNS, OutOfRange, csv_cell, parse_when
 from pgoutbox.fire import FireRefused
 from pgoutbox.lifecycle import BUILTIN_STATES
 from pgoutbox.settings import DatabaseSettings
-from pgoutbox.web.data import ConsoleData, ListFilter
+from pgoutbox.web.data import ConsoleData, ListFilter, Overview
 from pgoutbox.web.diagram import lifecycle_svg
 
 ActorHook = Callable[[Request], str | Awaitable[str | None] | None]
@@ -57,6 +59,8 @@ proxy sets), or None for someone who may only look."""
 CSRF_COOKIE: Final = "pgoutbox_csrf"
 FLASH_COOKIE: Final = "pgoutbox_flash"
 ACTIONS: Final = ("retry", "cancel", "replay", "fire")
+OVERVIEW_MAX_AGE: Final = 5.0
+"""Seconds after which the overview's counts are taken again (in the background)."""
 _MAX_REASON: Final = 2000
 _MAX_FILTER: Final = 500
 
@@ -100,6 +104,7 @@ class Console:
         actor: ActorHook | None,
         read_only: bool,
         secret: bytes | None,
+        overview_max_age: float = OVERVIEW_MAX_AGE,
     ) -> None:
         self.settings = settings
         self.actor_hook = actor
@@ -108,6 +113,10 @@ class Console:
         self._admin: Admin | None = None
         self._opening = asyncio.Lock()
         self.verification = _Verification()
+        self.overview_max_age = overview_max_age
+        self._overview: tuple[float, Overview] | None = None
+        self._overview_refresh: asyncio.Task[None] | None = None
+        self._overview_lock = asyncio.Lock()
         self.templates = Environment(
             loader=PackageLoader("pgoutbox.web", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -127,11 +136,43 @@ class Console:
                 self._admin = admin
         return ConsoleData(self._admin)
 
+    async def overview(self) -> Overview:
+        """The overview's counts, at most about ``overview_max_age`` seconds old.
+
+        Counting by state and type and finding stale operations read the whole operations
+        table (half a second at a million operations), so a request does not wait for it: it
+        gets the latest count while a newer one is taken in the background, once at a time.
+        Only the first request waits for the first count. The page says when it was counted.
+        """
+        snapshot = self._overview
+        if snapshot is None:
+            async with self._overview_lock:
+                if self._overview is None:
+                    await self._count()
+            assert self._overview is not None
+            return self._overview[1]
+        taken_at, overview = snapshot
+        running = self._overview_refresh is not None and not self._overview_refresh.done()
+        if time.monotonic() - taken_at > self.overview_max_age and not running:
+            self._overview_refresh = asyncio.create_task(self._count_in_background())
+        return overview
+
+    async def _count(self) -> None:
+        overview = await (await self.data()).overview()
+        self._overview = (time.monotonic(), overview)
+
+    async def _count_in_background(self) -> None:
+        # A failed count leaves the previous one shown; the next request tries again.
+        with contextlib.suppress(Exception):
+            await self._count()
+
     async def close(self) -> None:
         """Close the database connections (and stop a running verification)."""
-        task = self.verification.task
-        if task is not None and not task.done():
-            task.cancel()
+        for task in (self.verification.task, self._overview_refresh):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         admin, self._admin = self._admin, None
         if admin is not None:
             await admin.close()
@@ -195,6 +236,7 @@ def create_app(
     actor: ActorHook | None = None,
     read_only: bool = False,
     secret: bytes | None = None,
+    overview_max_age: float = OVERVIEW_MAX_AGE,
 ) -> Starlette:
     """The web console as an ASGI application, to mount in a host app or serve alone.
 
@@ -212,10 +254,19 @@ def create_app(
     console ships no authentication of its own, and without a hook -- or when the hook returns
     None -- it shows no actions and refuses them. ``read_only=True`` turns actions off whatever
     the hook says (for auditors). ``secret`` signs the CSRF tokens; give the same one to every
-    process serving the console (default: random per process). Viewing is not checked: protect
-    the mount point as the host protects its other admin pages.
+    process serving the console (default: random per process). The overview's counts are
+    taken again in the background when older than ``overview_max_age`` seconds. Viewing is not
+    checked: protect the mount point as the host protects its other admin pages.
     """
-    console = Console(settings, actor=actor, read_only=read_only, secret=secret)
+    if not overview_max_age >= 0:
+        raise ValueError(f"invalid overview_max_age {overview_max_age!r}: seconds, 0 or more")
+    console = Console(
+        settings,
+        actor=actor,
+        read_only=read_only,
+        secret=secret,
+        overview_max_age=overview_max_age,
+    )
     routes = [
         Route("/", _page(console, _overview)),
         Route("/operations", _page(console, _operations)),
@@ -287,9 +338,13 @@ def _secure(response: Response) -> None:
 
 
 async def _overview(console: Console, request: Request) -> tuple[str, dict[str, Any]]:
-    overview = await (await console.data()).overview()
+    overview = await console.overview()
     peak = max((b.succeeded + b.failed for b in overview.chart), default=0)
-    return "overview.html", {"o": overview, "chart": _chart_svg(overview.chart, peak)}
+    return "overview.html", {
+        "o": overview,
+        "chart": _chart_svg(overview.chart, peak),
+        "max_age": console.overview_max_age,
+    }
 
 
 def _chart_svg(buckets: list[Any], peak: int) -> Markup:
