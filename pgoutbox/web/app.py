@@ -63,6 +63,7 @@ OVERVIEW_MAX_AGE: Final = 5.0
 """Seconds after which the overview's counts are taken again (in the background)."""
 _MAX_REASON: Final = 2000
 _MAX_FILTER: Final = 500
+_MAX_ID: Final = 2**63 - 1  # bigint: a larger id names no operation
 
 _SECURITY_HEADERS: Final = {
     # Only the console's own files run or style the page: an escaped value can never become a
@@ -422,7 +423,7 @@ async def _resolved(admin: Admin, when: When | None) -> datetime | None:
 
 async def _operations(console: Console, request: Request) -> tuple[str, dict[str, Any]]:
     before = _one(request, "before")
-    if before is not None and not before.isdigit():
+    if before is not None and not (before.isdigit() and int(before) <= _MAX_ID):
         raise BadInput(f"invalid before {before!r}: an operation id (a positive whole number)")
     data = await console.data()
     f = ListFilter(
@@ -454,6 +455,8 @@ async def _operations(console: Console, request: Request) -> tuple[str, dict[str
 
 async def _operation(console: Console, request: Request) -> tuple[str, dict[str, Any]]:
     operation_id: int = request.path_params["operation_id"]
+    if operation_id > _MAX_ID:
+        raise OperationNotFound(f"no operation {operation_id}")
     data = await console.data()
     detail = await data.admin.get_operation(operation_id)
     chain = await data.chain(operation_id)
@@ -534,6 +537,8 @@ def _csrf_problem(console: Console, request: Request, form: dict[str, str]) -> s
 def _action(console: Console) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         operation_id: int = request.path_params["operation_id"]
+        if operation_id > _MAX_ID:
+            return _refuse(404, f"no operation {operation_id}")
         try:
             form = await _form(request)
         except BadInput as exc:

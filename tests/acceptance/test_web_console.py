@@ -314,6 +314,10 @@ def test_filters_narrow_the_list_and_pages_follow_on_without_overlap(
 
     browser.get(f"{acting}/operations?since=tomorrow")
     assert "invalid since 'tomorrow'" in _text(browser, "#error")
+    browser.get(f"{acting}/operations?before=99999999999999999999")
+    assert "invalid before '99999999999999999999'" in _text(browser, "#error")
+    browser.get(f"{acting}/operations/99999999999999999999")
+    assert _text(browser, "#error") == "no operation 99999999999999999999"
 
 
 def test_opening_an_operation_from_the_list_shows_its_error_attempts_and_payload(
