@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import django
 import psycopg
 import pytest
 
@@ -67,12 +68,37 @@ def test_a_django_project_publishes_in_its_views_and_handles_with_its_worker(
     failed = manage(shop_dsn, "place_order", "bob@example.com", "900", "--fail-after-publishing")
     assert failed.stdout.startswith("500 ")  # rolled back: the order and its operations
     assert manage(shop_dsn, "place_order", "cy@example.com", "4000").stdout.startswith("200 ")
+    tasks = django.VERSION >= (6, 0)  # django.tasks: Django 6 needs Python 3.12+
+    if tasks:
+        assert manage(shop_dsn, "enqueue_task", "task@example.com", "1").stdout.startswith(
+            "enqueued "
+        )
+        failed = manage(shop_dsn, "enqueue_task", "no@example.com", "2", "--fail-after-enqueueing")
+        assert failed.stdout.strip() == "not enqueued: rolled back"
 
     with psycopg.connect(shop_dsn, autocommit=True) as conn:
         pending = conn.execute(
             "SELECT operation_type, state, (payload->>'order')::bigint "
-            "FROM pgoutbox.operations ORDER BY id"
+            "FROM pgoutbox.operations WHERE operation_type LIKE 'shop.%' ORDER BY id"
         ).fetchall()
+        enqueued = conn.execute(
+            "SELECT payload FROM pgoutbox.operations WHERE operation_type = 'django.task'"
+        ).fetchall()
+        assert enqueued == (
+            [
+                (
+                    {
+                        "task": "testsite.tasks.record_order",
+                        "args": ["task@example.com", 1],
+                        "kwargs": {},
+                        "queue": "default",
+                        "backend": "default",
+                    },
+                )
+            ]
+            if tasks
+            else []
+        )
         orders = conn.execute("SELECT id, email FROM shop_order ORDER BY id").fetchall()
         assert [email for _, email in orders] == ["ada@example.com", "cy@example.com"]
         assert pending == [
@@ -102,7 +128,8 @@ def test_a_django_project_publishes_in_its_views_and_handles_with_its_worker(
         assert worker.returncode == 0, output
 
         handled = conn.execute("SELECT email, state, receipt_sent FROM shop_order ORDER BY id")
-        assert handled.fetchall() == [
+        assert sorted(handled.fetchall()) == [
             ("ada@example.com", "paid", True),
             ("cy@example.com", "paid", True),
+            *([("task@example.com", "from-task", False)] if tasks else []),
         ]
