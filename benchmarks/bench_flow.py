@@ -1,0 +1,146 @@
+"""What flow control costs, and whether a rate limit delivers its rate.
+
+    python benchmarks/bench_flow.py unlimited --baseline DIR [--n 20000] [--rounds 5]
+    python benchmarks/bench_flow.py limited [--n 20000] [--rate 1000] [--workers 2]
+
+unlimited: the drain of bench_drain.py (no limit declared) by this checkout and by another one
+(DIR, e.g. ``git worktree add /tmp/base <commit before flow control>``), alternated round by
+round, each in a fresh process and schema; prints both medians and their ratio.
+
+limited: N no-op operations of a type limited to RATE starts per second (default burst), drained
+by WORKERS worker processes; the achieved rate is measured on the database's clock from the
+claims in the audit log: (N - 1) / (last claim - first claim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+from _common import bench_database, median
+
+from pgoutbox import Settings, WorkflowRouter, WorkflowSystem
+from pgoutbox.settings import DatabaseSettings
+
+HERE = Path(__file__).resolve().parent
+CHECKOUT = HERE.parent
+LIMITED_TYPE = "bench.limited"
+
+
+def drain_once(checkout: Path, n: int) -> dict[str, float]:
+    """ops/s per configuration of one bench_drain.py round run by ``checkout``'s code."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    done = subprocess.run(
+        [sys.executable, str(checkout / "benchmarks" / "bench_drain.py"), "--n", str(n),
+         "--rounds", "1", "--latency-samples", "1"],
+        cwd=checkout / "benchmarks", env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    found = re.findall(r"^  (defaults|batch 10|batch 100)\s+([\d,]+) ops/s", done.stdout, re.M)
+    return {name: float(value.replace(",", "")) for name, value in found}
+
+
+def unlimited(baseline: Path, n: int, rounds: int) -> None:
+    results: dict[str, dict[str, list[float]]] = {"baseline": {}, "this checkout": {}}
+    for _ in range(rounds):
+        for label, checkout in (("baseline", baseline), ("this checkout", CHECKOUT)):
+            for name, value in drain_once(checkout, n).items():
+                results[label].setdefault(name, []).append(value)
+    print(f"drain of {n:,} no-op operations, no limit declared, median of {rounds} alternated")
+    for name in results["baseline"]:
+        base, this = median(results["baseline"][name]), median(results["this checkout"][name])
+        print(
+            f"  {name:<10} baseline {base:>8,.0f} ops/s   this checkout {this:>8,.0f} ops/s   "
+            f"ratio {this / base:.3f}"
+        )
+
+
+async def worker(dsn: str, schema: str, rate: str, seconds: float) -> None:
+    """A worker process of the limited drain: runs until ``seconds`` have passed."""
+    router = WorkflowRouter()
+
+    @router.on(LIMITED_TYPE, rate=rate)
+    async def noop(ctx: object, payload: object) -> None:
+        return None
+
+    db = DatabaseSettings(dsn=dsn, schema=schema)
+    settings = Settings(database=db, workflow_system={"channel": "limited"})
+    async with WorkflowSystem(router=router, settings=settings):
+        await asyncio.sleep(seconds)
+
+
+async def limited(n: int, rate: int, workers: int) -> None:
+    async with bench_database() as db:
+        conn = await asyncpg.connect(**db.connect_kwargs())
+        try:
+            await conn.execute(
+                f'INSERT INTO "{db.schema_name}".operations (operation_type, channel, payload) '
+                "SELECT $1, 'limited', '{}' FROM generate_series(1, $2)",
+                LIMITED_TYPE,
+                n,
+            )
+            budget = n / rate * 1.5 + 30
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, __file__, "_worker", db.dsn or "", db.schema_name,
+                     f"{rate}/s", str(budget)],
+                    cwd=HERE,
+                )  # fmt: skip
+                for _ in range(workers)
+            ]
+            deadline = time.monotonic() + budget
+            while time.monotonic() < deadline:
+                left = await conn.fetchval(
+                    f'SELECT count(*) FROM "{db.schema_name}".operations '
+                    "WHERE state <> 'succeeded'"
+                )
+                if not left:
+                    break
+                await asyncio.sleep(0.2)
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(60)
+            first, last, claims = await conn.fetchrow(
+                "SELECT extract(epoch FROM min(recorded_at)), extract(epoch FROM max(recorded_at)),"
+                " count(*)"
+                f" FROM \"{db.schema_name}\".audit_log WHERE trigger = 'claim'"
+            )
+        finally:
+            await conn.close()
+    achieved = (claims - 1) / float(last - first)
+    print(
+        f"limited drain: {claims:,} operations limited to {rate}/s on {workers} worker processes:"
+        f" {achieved:,.1f} starts/s ({achieved / rate:.1%} of the limit)"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        dsn, schema, rate, seconds = sys.argv[2:6]
+        asyncio.run(worker(dsn, schema, rate, float(seconds)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("mode", choices=["unlimited", "limited"])
+    parser.add_argument("--baseline", type=Path, help="unlimited: the checkout to compare with")
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    if args.mode == "unlimited":
+        if args.baseline is None:
+            parser.error("unlimited needs --baseline DIR (a checkout of the commit to compare)")
+        unlimited(args.baseline.resolve(), args.n, args.rounds)
+    else:
+        asyncio.run(limited(args.n, args.rate, args.workers))
+
+
+if __name__ == "__main__":
+    main()
