@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NewType, TypeAlias, TypeVar, overload
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from pgoutbox.context import GuardedSession, SyncGuardedSession
 from pgoutbox.db import session_schema, session_settings
 from pgoutbox.observability import capture_trace_context
 from pgoutbox.settings import DEFAULT_MAX_PAYLOAD_BYTES, validate_identifier
@@ -154,6 +155,9 @@ def publish_operation(
             order.save()
             publish_operation(connection, "billing.charge", {"order": order.pk}, "workflow")
 
+    A transactional handler's ``ctx.session`` publishes in the handler's transaction: a
+    follow-up operation exists exactly when the handler's success does.
+
     ``run_at`` (timezone-aware) delays the operation; by default it is due at once (database
     time). Publishing again with the same ``idempotency_key`` returns the existing operation's
     id; the same key with a different type, channel or payload raises
@@ -179,6 +183,7 @@ def publish_operation(
         max_attempts=max_attempts,
         ordering_key=ordering_key,
     )
+    session = _unguarded(session)
     if isinstance(session, AsyncSession):
         return _drive_async(session, lambda schema, limit: _publish_one(item, schema, limit))
     target = _sync_target(session)
@@ -217,6 +222,7 @@ def publish_many(
     key), nothing of the batch is written. ``session`` is any of :func:`publish_operation`'s:
     from synchronous code, call it without ``await``.
     """
+    session = _unguarded(session)
     if isinstance(session, AsyncSession):
         return _drive_async(
             session, lambda schema, limit: _publish_batch(operations, schema, limit)
@@ -379,6 +385,14 @@ def _drive(target: SyncTarget, plan: _Plan[T]) -> T:
     except StopIteration as done:
         result: T = done.value
         return result
+
+
+def _unguarded(session: Any) -> Any:
+    """A transactional handler's ``ctx.session`` publishes in the handler's transaction: the
+    guard is about transaction control, which publishing never exercises."""
+    if isinstance(session, GuardedSession | SyncGuardedSession):
+        return session.unsafe
+    return session
 
 
 def _sync_target(session: Any) -> SyncTarget:

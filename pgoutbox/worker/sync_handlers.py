@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from pgoutbox.context import HandlerContext, SyncGuardedSession
+from pgoutbox.db import SESSION_SETTINGS_KEY
 from pgoutbox.router import HandlerSpec
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import Query
@@ -64,7 +65,10 @@ class SyncHandlers:
             from pgoutbox.sync import create_sync_engine  # needs psycopg: the `sync` extra
 
             engine = create_sync_engine(settings, pool_size=threads, worker_key=worker_key)
-            sessions = sessionmaker(engine, expire_on_commit=False)
+            # As the async sessions: a handler publishing on ctx.session uses these settings.
+            sessions = sessionmaker(
+                engine, expire_on_commit=False, info={SESSION_SETTINGS_KEY: settings}
+            )
         return cls(threads, sessions)
 
     def handles(self, spec: HandlerSpec) -> bool:

@@ -10,7 +10,13 @@ from types import TracebackType
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from pgoutbox import migrations, registry
-from pgoutbox.db import create_engine, create_pool, new_worker_key, worker_key_fingerprint
+from pgoutbox.db import (
+    SESSION_SETTINGS_KEY,
+    create_engine,
+    create_pool,
+    new_worker_key,
+    worker_key_fingerprint,
+)
 from pgoutbox.router import RouterError, WorkflowRouter
 from pgoutbox.settings import Settings
 from pgoutbox.sql import queries
@@ -99,7 +105,11 @@ class WorkflowSystem:
         sessions = None
         if any(step.transactional for s in self.handlers.values() for step in s.all_steps()):
             self._engine = create_engine(db, pool_size=ws.n_workers, worker_key=self._worker_key)
-            sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+            # Settings in each session's info: a handler publishing on ctx.session publishes
+            # into this schema.
+            sessions = async_sessionmaker(
+                self._engine, expire_on_commit=False, info={SESSION_SETTINGS_KEY: db}
+            )
         async with self._pool.acquire() as conn:
             await q["workers_register"].execute(
                 conn,

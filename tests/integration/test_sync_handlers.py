@@ -24,6 +24,7 @@ from pgoutbox import (
     Settings,
     WorkflowRouter,
     WorkflowSystem,
+    publish_operation,
 )
 from pgoutbox.context import SyncGuardedSession
 
@@ -215,3 +216,35 @@ async def test_a_transactional_def_handler_that_lost_its_lease_keeps_nothing_and
     assert await conn.fetchval(f"SELECT count(*) FROM {app}.orders") == 0
     trail = await audit(conn, schema, op_id)
     assert (trail[-1]["trigger"], trail[-1]["actor"]) == ("reject", system.worker_id)
+
+
+@pytest.mark.parametrize("kind", ["async def", "def"])
+async def test_a_transactional_handler_publishes_a_follow_up_that_commits_with_its_success(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str, kind: str
+) -> None:
+    channel = settings.workflow_system.channel
+    router = WorkflowRouter()
+
+    if kind == "def":
+
+        @router.on("order.pay", transactional=True)
+        def pay(ctx: HandlerContext, payload: Any) -> None:
+            publish_operation(ctx.session, "order.ship", payload, channel)
+
+    else:
+
+        @router.on("order.pay", transactional=True)
+        async def pay_async(ctx: HandlerContext, payload: Any) -> None:
+            await publish_operation(ctx.session, "order.ship", payload, channel)
+
+    async with WorkflowSystem(router=router, settings=settings):
+        op_id = await publish(sm, settings, "order.pay", {"order": 5})
+        await wait_for_state(conn, schema, op_id, "succeeded")
+
+    follow_up = await conn.fetchrow(
+        f'SELECT payload, state, xmin::text AS xid FROM "{schema}".operations '
+        "WHERE operation_type = 'order.ship'"
+    )
+    assert follow_up is not None
+    assert (follow_up["payload"], follow_up["state"]) == ('{"order": 5}', "pending")
+    assert follow_up["xid"] == (await audit(conn, schema, op_id))[-1]["xid"]
