@@ -124,9 +124,8 @@ class ConsoleData:
             at = start + timedelta(hours=hour)
             row = found.get(at)
             chart.append(Bucket(at, row["succeeded"] if row else 0, row["failed"] if row else 0))
-        # Flow control (pausing operation types) lands separately: when it does, the paused
-        # types are read here and shown in the overview's "Paused types" section.
-        return Overview(stats, workers, stale, chart, paused_types=[])
+        # What is paused (a type, a channel, a limit or one of its partitions), by pause.
+        return Overview(stats, workers, stale, chart, paused_types=[p.what for p in stats.pauses])
 
     async def operations(self, f: ListFilter) -> ListPage:
         """One page of the operations list (keyset on id, newest first)."""

@@ -203,6 +203,20 @@ async def test_paused_types_and_partitions_are_left_out_of_the_claim(
         assert len(await claim(gate, conn, "w", 10)) == 2
 
 
+async def test_stats_and_the_web_console_show_what_is_paused(db_settings: DatabaseSettings) -> None:
+    from pgoutbox.web.data import ConsoleData
+
+    async with Admin(db_settings) as admin:
+        await admin.pause("channel", "billing", actor="alice", reason="migration")
+        await admin.pause("limit", "stripe", partition="acct_1", actor="alice", reason="review")
+        assert [p.what for p in (await admin.stats()).pauses] == [
+            "channel billing",
+            "limit stripe partition acct_1",
+        ]
+        overview = await ConsoleData(admin).overview()
+        assert overview.paused_types == ["channel billing", "limit stripe partition acct_1"]
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
