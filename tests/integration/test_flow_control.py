@@ -236,3 +236,69 @@ async def test_a_bad_pause_is_refused_and_nothing_is_written(
             await admin.pause(**args)
     assert await conn.fetchval(f'SELECT count(*) FROM "{db_settings.schema_name}".flow_pauses') == 0
     assert set(SCOPES) == {"channel", "type", "limit"}
+
+
+async def test_a_limit_holds_across_every_step_of_a_custom_lifecycle(
+    settings: Any, conn: asyncpg.Connection
+) -> None:
+    """One at a time, whichever step: each step's handler records the instants it runs
+    between; no two intervals overlap although both steps have work due."""
+    from pgoutbox import DatabaseSessionManager, Lifecycle, WorkflowSystem, publish_many
+
+    two_steps = Lifecycle.define(
+        "two_steps",
+        states=["charged"],
+        transitions=[
+            {"trigger": "charge", "source": "claimed", "dest": "charged"},
+            {"trigger": "ship", "source": "charged", "dest": "succeeded"},
+        ],
+    )
+    spans: list[tuple[float, float]] = []
+    router = WorkflowRouter()
+
+    async def step(trigger: str) -> str:
+        started = asyncio.get_running_loop().time()
+        await asyncio.sleep(0.05)
+        spans.append((started, asyncio.get_running_loop().time()))
+        return trigger
+
+    @router.on("order", lifecycle=two_steps, concurrency=1)
+    async def charge(ctx: Any, payload: Any) -> str:
+        return await step("charge")
+
+    @router.on("order", step="charged")
+    async def ship(ctx: Any, payload: Any) -> str:
+        return await step("ship")
+
+    schema = settings.database.schema_name
+    sm = DatabaseSessionManager(settings.database)
+    try:
+        async with WorkflowSystem(router=router, settings=settings):
+            async with sm.session() as session:
+                ids = await publish_many(
+                    session,
+                    [
+                        {
+                            "operation_type": "order",
+                            "payload": {},
+                            "channel": settings.workflow_system.channel,
+                        }
+                        for _ in range(6)
+                    ],
+                )
+                await session.commit()
+            for _ in range(300):
+                done = await conn.fetchval(
+                    f'SELECT count(*) FROM "{schema}".operations WHERE id = ANY($1) '
+                    "AND state = 'succeeded'",
+                    list(ids),
+                )
+                if done == 6:
+                    break
+                await asyncio.sleep(0.1)
+    finally:
+        await sm.close()
+    assert done == 6
+    assert len(spans) == 12
+    ordered = sorted(spans)
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(ordered)), ordered
