@@ -2,7 +2,13 @@
 
 from pgoutbox.admin import Admin
 from pgoutbox.audit import AuditProblem, AuditVerification, verify
-from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SessionControlError
+from pgoutbox.context import (
+    DoNotRetry,
+    GuardedSession,
+    HandlerContext,
+    SessionControlError,
+    Snooze,
+)
 from pgoutbox.db import DatabaseSessionManager
 from pgoutbox.fire import FireRefused, fire
 from pgoutbox.flow import Limit, LimitError, Rate
@@ -45,6 +51,7 @@ __all__ = [
     "SchemaNotReady",
     "SessionControlError",
     "Settings",
+    "Snooze",
     "TransitionNotAllowed",
     "WorkflowRouter",
     "WorkflowSystem",

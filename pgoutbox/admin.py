@@ -24,6 +24,7 @@ Methods return frozen dataclasses; :func:`as_json` turns any of them into plain 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -566,13 +567,28 @@ class Admin:
         return await self._act("retry", ids, actor, reason)
 
     async def cancel(
-        self, ids: Iterable[int], *, actor: str, reason: str | None = None
+        self,
+        ids: Iterable[int],
+        *,
+        actor: str,
+        reason: str | None = None,
+        wait_seconds: float = 0.0,
     ) -> list[ActionResult]:
         """Cancel pending, failed or dead operations (→ ``cancelled``), audited with ``actor``
         and ``reason`` (a dead one: it will not be pursued, and operations ordered after it by
-        an ordering key may run). A claimed operation cannot be cancelled: its handler may be
-        running."""
-        return await self._act("cancel", ids, actor, reason)
+        an ordering key may run).
+
+        A running operation (``claimed``, or a custom lifecycle's working step, leased to a
+        worker) is asked to stop: the request is recorded in the database and the worker
+        holding it, on whatever host, cancels its handler and records ``abort`` (→
+        ``cancelled``, audited with ``actor``); if its lease has expired, the rescuer does.
+        This waits up to ``wait_seconds`` for the answer: ``ok`` only when the operation ended
+        cancelled. If the handler finished first, its real outcome stands and the message says
+        so; if nobody acted in time, the request stands and the message says that.
+        """
+        if wait_seconds < 0:
+            raise ValueError(f"wait_seconds must be 0 or more, not {wait_seconds}")
+        return await self._act("cancel", ids, actor, reason, wait_seconds=wait_seconds)
 
     async def replay(
         self,
@@ -682,16 +698,28 @@ class Admin:
         actor: str,
         reason: str | None,
         extra_attempts: int | None = None,
+        *,
+        wait_seconds: float = 0.0,
     ) -> list[ActionResult]:
         actor = _checked_actor(actor)
         # One transaction per id, on purpose (not one batch statement): a refusal aborts its
         # statement, and must not undo or block the others.
         results = []
+        running: list[_CancelRequest] = []
         async with self.pool.acquire() as conn:
             for operation_id in ids:
-                results.append(
-                    await self._act_one(conn, action, operation_id, actor, reason, extra_attempts)
+                result = await self._act_one(
+                    conn, action, operation_id, actor, reason, extra_attempts
                 )
+                if isinstance(result, _CancelRequest):
+                    running.append(result)
+                    results.append(_cancel_pending(result, actor))
+                else:
+                    results.append(result)
+            # Answered once every request is made (and committed), each within the same wait.
+            if running:
+                answers = await self._await_cancels(conn, running, actor, wait_seconds)
+                results = [answers.get(r.operation_id, r) for r in results]
         return results
 
     async def _act_one(
@@ -702,7 +730,8 @@ class Admin:
         actor: str,
         reason: str | None,
         extra_attempts: int | None,
-    ) -> ActionResult:
+    ) -> ActionResult | _CancelRequest:
+        """The action's result; or, for a cancel of a running operation, the request made."""
         state_before: str | None = None
         args: dict[str, Any] = {"id": operation_id, "actor": actor, "reason": reason}
         try:
@@ -714,6 +743,12 @@ class Admin:
                     )
                 state_before = locked["state"]
                 lifecycle = _lifecycle(locked["lifecycle"], locked["definition"])
+                if action == "cancel" and locked["lease_owner"] is not None:
+                    if not locked["cancel_requested"]:  # else: wait for the standing one
+                        await self._q["operations_request_cancel"].fetchrow(conn, **args)
+                    return _CancelRequest(
+                        operation_id, state_before, locked["version"], locked["audit_seq"]
+                    )
                 # A later step runs in the state it rests in, where retry is allowed: only the
                 # lease tells that it is running now (and must not be started twice).
                 if locked["lease_owner"] is not None and lifecycle.sources(action) >= {
@@ -753,6 +788,39 @@ class Admin:
             state,
             f"operation {operation_id}: {state_before} -> {state} ({action}, by {actor})",
         )
+
+    async def _await_cancels(
+        self,
+        conn: asyncpg.Connection,
+        requests: list[_CancelRequest],
+        actor: str,
+        wait_seconds: float,
+    ) -> dict[int, ActionResult]:
+        """Poll (database time) until each requested attempt has ended or ``wait_seconds``
+        passed; the result of each."""
+        q = self._q["operations_cancel_outcome"]
+        answers: dict[int, ActionResult] = {}
+        waiting = list(requests)
+        deadline = None
+        delay = 0.05
+        while True:
+            for request in list(waiting):
+                row = await q.fetchrow(
+                    conn, id=request.operation_id, version=request.version, seq=request.seq
+                )
+                assert row is not None  # operations are deleted only when finished
+                if deadline is None:
+                    deadline = row["now"] + timedelta(seconds=wait_seconds)
+                if row["ended"] and row["trigger"] is not None:
+                    answers[request.operation_id] = _cancel_answer(request, actor, row)
+                    waiting.remove(request)
+                elif row["now"] >= deadline:
+                    answers[request.operation_id] = _cancel_unanswered(request, row, wait_seconds)
+                    waiting.remove(request)
+            if not waiting:
+                return answers
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     async def purge_preview(
         self, finished_before: When, *, include_dead: bool = False
@@ -854,6 +922,71 @@ def attempts_from_audit(audit: Sequence[AuditRecord]) -> list[Attempt]:
     if claim is not None:
         attempts.append(_attempt(claim, None))
     return attempts
+
+
+@dataclass(frozen=True)
+class _CancelRequest:
+    """A cancel request of a running attempt (its version), made at audit row ``seq``."""
+
+    operation_id: int
+    state: str
+    version: int
+    seq: int
+
+
+def _cancel_pending(request: _CancelRequest, actor: str) -> ActionResult:
+    return ActionResult(
+        request.operation_id,
+        "cancel",
+        False,
+        request.state,
+        request.state,
+        f"operation {request.operation_id}: cancel requested by {actor}",
+    )
+
+
+def _cancel_answer(request: _CancelRequest, actor: str, row: Any) -> ActionResult:
+    """What became of a cancel request whose attempt ended."""
+    operation_id = request.operation_id
+    if row["trigger"] == "abort":
+        return ActionResult(
+            operation_id,
+            "cancel",
+            True,
+            request.state,
+            row["to_state"],
+            f"operation {operation_id}: {request.state} -> {row['to_state']} (cancel, by "
+            f"{actor}: the worker stopped its running handler)",
+        )
+    return ActionResult(
+        operation_id,
+        "cancel",
+        False,
+        request.state,
+        row["state"],
+        f"cannot cancel operation {operation_id}: its handler finished first "
+        f"({row['trigger']} -> {row['to_state']}), and that outcome stands; it is "
+        f"{row['state']} now",
+    )
+
+
+def _cancel_unanswered(request: _CancelRequest, row: Any, wait_seconds: float) -> ActionResult:
+    """A cancel request that no worker answered in time: it stands."""
+    operation_id = request.operation_id
+    holder = row["lease_owner"] or "?"
+    expires = row["lease_expires_at"]
+    return ActionResult(
+        operation_id,
+        "cancel",
+        False,
+        request.state,
+        row["state"],
+        f"cancel of operation {operation_id} requested, but its worker {holder} did not act "
+        f"within {wait_seconds:g} s; the request stands: the worker stops the handler when it "
+        f"sees it, or a rescuer cancels the operation once its lease expires "
+        f"({expires.isoformat() if expires is not None else '?'}), unless the handler "
+        "finishes first",
+    )
 
 
 def _attempt(claim: AuditRecord, end: AuditRecord | None) -> Attempt:

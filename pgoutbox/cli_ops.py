@@ -589,15 +589,47 @@ def ops_retry(
     _report_actions(results, as_json_)
 
 
+def _cancel_wait(value: str) -> timedelta:
+    wait = parse_duration(value)
+    if wait > _MAX_CANCEL_WAIT:
+        raise OutOfRange(f"duration {value!r} is out of range: --wait is at most 1h")
+    return wait
+
+
+_MAX_CANCEL_WAIT = timedelta(hours=1)
+
+
 @ops.command("cancel")
 @_action_options
+@click.option(
+    "--wait",
+    "wait",
+    default="30s",
+    show_default=True,
+    metavar="DURATION",
+    callback=_converter(_cancel_wait),
+    help="How long to wait for the worker running an operation to stop it (at most 1h).",
+)
 @click.pass_obj
 def ops_cancel(
-    obj: _HasDatabase, ids: tuple[int, ...], actor: str, reason: str | None, as_json_: bool
+    obj: _HasDatabase,
+    ids: tuple[int, ...],
+    actor: str,
+    reason: str | None,
+    as_json_: bool,
+    wait: timedelta,
 ) -> None:
-    """Cancel pending, failed or dead operations IDS (-> cancelled). Claimed ones are refused:
-    their handler may be running."""
-    results = _run(obj, lambda admin: admin.cancel(ids, actor=actor, reason=reason))
+    """Cancel operations IDS (-> cancelled): pending, failed or dead ones at once; a running
+    one (claimed, or a custom lifecycle's working step) by asking the worker that holds it,
+    on whatever host, to cancel its handler, waiting up to --wait for it. Exits 1 if the
+    handler finished first (its outcome stands) or nobody acted in time (the request
+    stands)."""
+    results = _run(
+        obj,
+        lambda admin: admin.cancel(
+            ids, actor=actor, reason=reason, wait_seconds=wait.total_seconds()
+        ),
+    )
     _report_actions(results, as_json_)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, NoReturn
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -13,6 +14,47 @@ from sqlalchemy.orm import Session
 class DoNotRetry(Exception):
     """Raise from a handler to record the attempt as failed and send the operation to ``dead``
     at once, without further attempts (e.g. the card was declined, the address is invalid)."""
+
+
+# Longer than any Retry-After a provider sends; keeps the database's interval arithmetic finite.
+_MAX_SNOOZE_SECONDS = 366 * 24 * 3600.0
+
+
+class Snooze(Exception):
+    """Raise (or return) from a handler to run the step again later without spending an
+    attempt: a provider answered "429, retry after 30 s".
+
+    Usage::
+
+        @router.on("payments.charge")
+        async def charge(ctx, payload):
+            response = await provider.charge(payload, idempotency_key=ctx.idempotency_key)
+            if response.status_code == 429:
+                raise Snooze(float(response.headers.get("Retry-After", 30)), reason="429")
+
+    The operation waits (in ``pending``, or a later step in its own state) until ``seconds``
+    from now in database time, audited as a ``snooze`` transition; ``max_attempts`` is not
+    touched. After ``max_snoozes`` snoozes of one operation (a handler option or setting,
+    default 100) a snooze counts as an ordinary failed attempt. In a transactional handler
+    the transaction rolls back, as for any exception.
+    """
+
+    def __init__(self, seconds: float | timedelta, reason: str | None = None) -> None:
+        value = seconds.total_seconds() if isinstance(seconds, timedelta) else seconds
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value <= _MAX_SNOOZE_SECONDS
+        ):
+            raise ValueError(
+                f"invalid Snooze({seconds!r}): a number of seconds or a timedelta, from 0 to "
+                f"{_MAX_SNOOZE_SECONDS:.0f} (a year)"
+            )
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"invalid Snooze reason {reason!r}: a string or None")
+        self.seconds = float(value)
+        self.reason = reason
+        super().__init__(f"snoozed for {self.seconds:g} s" + (f": {reason}" if reason else ""))
 
 
 class SessionControlError(RuntimeError):

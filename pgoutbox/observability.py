@@ -54,7 +54,9 @@ else:
 
 log = logging.getLogger("pgoutbox.observability")
 
-AttemptOutcome = Literal["succeeded", "failed", "dead", "rejected", "released", "lost"]
+AttemptOutcome = Literal[
+    "succeeded", "failed", "dead", "rejected", "released", "lost", "snoozed", "cancelled"
+]
 
 INSTALL_PROMETHEUS: Final = "pip install 'pgoutbox[prometheus]'"
 
@@ -271,8 +273,8 @@ class Metrics:
         self.attempts = pc.Counter(
             "pgoutbox_attempts",
             "Attempts whose outcome this worker recorded, by operation type and outcome "
-            "(succeeded, failed, dead, rejected, released; lost: rescued by this worker after "
-            "another worker's lease expired).",
+            "(succeeded, failed, dead, rejected, released, snoozed, cancelled; lost: rescued by "
+            "this worker after another worker's lease expired).",
             ["operation_type", "outcome"],
             registry=registry,
         )

@@ -25,6 +25,7 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal, TypeVar
 
 from pgoutbox.flow import Limit, LimitError, Rate
@@ -94,6 +95,9 @@ class HandlerSpec:
     steps: Mapping[str, HandlerSpec] = field(default_factory=dict, compare=False)
     # Every limit the type is subject to, whichever of its handlers declared it (all steps).
     limits: tuple[Limit, ...] = ()
+    # The step's own (timeout=, max_snoozes=); None: the worker's settings decide.
+    timeout_seconds: float | None = None
+    max_snoozes: int | None = None
 
     def for_step(self, state: str) -> HandlerSpec:
         """The spec of the step that runs in ``state``."""
@@ -131,6 +135,8 @@ class _Registration:
     # The type's own limit (concurrency=, rate=): named after the type's full name, so it is
     # made when the prefixes are known.
     own_limit: tuple[int | None, Rate | None]
+    timeout_seconds: float | None = None
+    max_snoozes: int | None = None
 
 
 @dataclass
@@ -175,6 +181,8 @@ class WorkflowRouter:
         concurrency: int | None = None,
         rate: Rate | str | None = None,
         limit: Limit | Sequence[Limit] | None = None,
+        timeout: float | timedelta | None = None,
+        max_snoozes: int | None = None,
     ) -> Callable[[H], H]:
         """Register ``async def handler(ctx, payload)`` for ``operation_type``.
 
@@ -197,6 +205,12 @@ class WorkflowRouter:
         ``"100/s"``) limit the type cluster wide; ``limit`` subjects it to shared
         :class:`~pgoutbox.flow.Limit` objects too (a group of types, or per partition). A
         limit applies to every step of the type. See docs/flow-control.md.
+
+        ``timeout`` (seconds or a ``timedelta``) cancels a handler that runs longer: the attempt
+        fails with "timed out after N s" and is retried per ``retry`` (a transactional
+        handler's transaction rolls back); default: the ``handler_timeout_seconds`` setting
+        (none). ``max_snoozes`` bounds how often an operation may :class:`~pgoutbox.Snooze`
+        before a snooze counts as a failed attempt (default: the ``max_snoozes`` setting, 100).
         """
         if not isinstance(operation_type, str) or not _NAME.fullmatch(operation_type):
             raise RouterError(
@@ -217,6 +231,8 @@ class WorkflowRouter:
                 f"{lifecycle.name!r} (working states: {', '.join(sorted(lifecycle.working))})"
             )
         limits, own_limit = _check_limits(operation_type, concurrency, rate, limit)
+        timeout_seconds = _check_timeout(operation_type, timeout)
+        _check_max_snoozes(operation_type, max_snoozes)
         key = (operation_type, step)
 
         def register(fn: H) -> H:
@@ -235,7 +251,16 @@ class WorkflowRouter:
                 )
             options = _Options(max_attempts, retry, on_lost)
             self._own[key] = _Registration(
-                operation_type, fn, transactional, options, step, lifecycle, limits, own_limit
+                operation_type,
+                fn,
+                transactional,
+                options,
+                step,
+                lifecycle,
+                limits,
+                own_limit,
+                timeout_seconds=timeout_seconds,
+                max_snoozes=max_snoozes,
             )
             try:
                 self._resolve(complete=False)  # a clash is an error now, not later
@@ -358,6 +383,8 @@ class WorkflowRouter:
                 on_lost=resolved.on_lost or "retry",
                 step=registration.step,
                 limits=limits,
+                timeout_seconds=registration.timeout_seconds,
+                max_snoozes=registration.max_snoozes,
             )
             yield spec, registration.lifecycle
         for include_prefix, child in self._children:
@@ -399,6 +426,37 @@ def _check_options(
         raise RouterError(f"{where}: retry must be a RetryPolicy, got {retry!r}")
     if on_lost not in (None, "retry", "dead"):
         raise RouterError(f"{where}: invalid on_lost {on_lost!r}, use 'retry' or 'dead'")
+
+
+# A day: longer than any lease, and what an asyncio timer and the audit's wording handle.
+_MAX_TIMEOUT_SECONDS = 24 * 3600.0
+
+
+def _check_timeout(operation_type: str, timeout: float | timedelta | None) -> float | None:
+    """``timeout`` in seconds, or RouterError naming it."""
+    if timeout is None:
+        return None
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds <= _MAX_TIMEOUT_SECONDS
+    ):
+        raise RouterError(
+            f"handler {operation_type!r}: invalid timeout {timeout!r}: a number of seconds or "
+            f"a timedelta, more than 0 and at most a day ({_MAX_TIMEOUT_SECONDS:.0f} s)"
+        )
+    return float(seconds)
+
+
+def _check_max_snoozes(operation_type: str, max_snoozes: int | None) -> None:
+    if max_snoozes is not None and (
+        isinstance(max_snoozes, bool) or not isinstance(max_snoozes, int) or max_snoozes < 0
+    ):
+        raise RouterError(
+            f"handler {operation_type!r}: invalid max_snoozes {max_snoozes!r}, an integer >= 0 "
+            "(0: every snooze counts as a failed attempt)"
+        )
 
 
 def _by_name(limit: Limit) -> str:

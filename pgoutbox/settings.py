@@ -154,6 +154,19 @@ class WorkflowSystemSettings(BaseModel):
     error_max_chars: int = Field(
         default=8000, ge=200, description="traceback kept per failed attempt"
     )
+    handler_timeout_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        le=24 * 3600,
+        description="cancel a handler running longer (an attempt that fails and is retried); "
+        "None: no limit. A handler's own timeout= takes precedence",
+    )
+    max_snoozes: int = Field(
+        default=100,
+        ge=0,
+        description="snoozes an operation may take before a snooze counts as a failed attempt; "
+        "a handler's own max_snoozes= takes precedence",
+    )
 
     @field_validator("channel")
     @classmethod

@@ -236,6 +236,54 @@ FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:errors AS
 WHERE o.id = f.id AND o.version = f.version AND o.lease_owner IS NOT DISTINCT FROM :worker_id
 RETURNING o.id, o.state;
 
+-- name: operations_record_snooze
+-- Fenced like success: a step that snoozed (Snooze, e.g. a provider's Retry-After) waits until
+-- now() + seconds in its retry state (pending, or a later step's own state), its attempt given
+-- back (step_attempts one less; attempts, the audit's attempt number, stays). Those already at
+-- their max_snoozes are returned with snoozed = false, unchanged: they are recorded as failed
+-- attempts instead.
+WITH given AS MATERIALIZED (
+    SELECT * FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]),
+                         CAST(:seconds AS float8[]), CAST(:max_snoozes AS integer[]),
+                         CAST(:to_states AS text[]), CAST(:details AS text[]))
+         AS g(id, version, seconds, max_snoozes, to_state, detail)
+), snoozed AS (
+    UPDATE {s}.operations o
+    SET state = g.to_state, transition = 'snooze', transition_actor = :worker_id,
+        transition_detail = g.detail || ' (snooze ' || (o.snoozes + 1) || ' of at most '
+            || g.max_snoozes || '); due again at '
+            || (now() + make_interval(secs => g.seconds))::text,
+        run_at = now() + make_interval(secs => g.seconds),
+        step_attempts = o.step_attempts - 1, snoozes = o.snoozes + 1,
+        version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL
+    FROM given g
+    WHERE o.id = g.id AND o.version = g.version AND o.lease_owner IS NOT DISTINCT FROM :worker_id
+      AND o.snoozes < g.max_snoozes
+    RETURNING o.id, o.state, o.snoozes
+)
+SELECT id, state, snoozes, true AS snoozed FROM snoozed
+UNION ALL
+SELECT o.id, o.state, o.snoozes, false
+FROM {s}.operations o JOIN given g ON o.id = g.id AND o.version = g.version
+WHERE o.lease_owner IS NOT DISTINCT FROM :worker_id AND o.snoozes >= g.max_snoozes;
+
+-- name: operations_record_abort
+-- Fenced like success: a handler stopped (or never started) at an operator's request for this
+-- very attempt ends cancelled, audited in the operator's name ('abort'; the database refuses
+-- it without the request).
+UPDATE {s}.operations o
+SET state = 'cancelled', transition = 'abort', transition_actor = o.cancel_requested_by,
+    transition_detail = 'cancel requested by ' || o.cancel_requested_by || ' (role '
+        || o.cancel_requested_role || ') at ' || o.cancel_requested_at::text
+        || coalesce(': ' || o.cancel_request_reason, '') || '; attempt ' || o.attempts
+        || ' stopped: ' || a.detail,
+    version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL
+FROM unnest(CAST(:ids AS bigint[]), CAST(:versions AS bigint[]), CAST(:details AS text[]))
+     AS a(id, version, detail)
+WHERE o.id = a.id AND o.version = a.version AND o.lease_owner IS NOT DISTINCT FROM :worker_id
+  AND o.cancel_request_version = o.version
+RETURNING o.id, o.state;
+
 -- name: operations_record_rejected
 -- Audit a result that arrived after its lease was lost (no state change: the newer attempt
 -- owns the outcome).
@@ -250,11 +298,13 @@ WHERE o.id = r.id;
 SELECT DISTINCT given.id
 FROM unnest(CAST(:ids AS bigint[]), CAST(:attempts AS integer[])) AS given(id, attempt)
 JOIN {s}.audit_log a ON a.operation_id = given.id AND a.attempt = given.attempt
--- the row after the claim: the step's outcome, whatever trigger it named
-WHERE a.actor = :worker_id AND a.trigger NOT IN ('claim', 'reject');
+-- the row after the claim: the step's outcome, whatever trigger it named (an abort names the
+-- operator who asked for it)
+WHERE (a.actor = :worker_id OR a.trigger = 'abort') AND a.trigger NOT IN ('claim', 'reject');
 
 -- name: operations_extend_leases
--- Heartbeat: push the lease of what this worker still holds; returns the ids extended.
+-- Heartbeat: push the lease of what this worker still holds; returns the ids extended, and for
+-- each the operator who asked that this attempt be cancelled (NULL: nobody).
 -- SKIP LOCKED: a row locked right now is being recorded (by this worker, whose recorder locks
 -- rows in another order: waiting could deadlock) or rescued; its lease no longer matters.
 WITH held AS MATERIALIZED (
@@ -269,13 +319,16 @@ UPDATE {s}.operations o
 SET lease_expires_at = now() + make_interval(secs => :lease_seconds)
 FROM held
 WHERE o.id = held.id
-RETURNING o.id;
+RETURNING o.id,
+          CASE WHEN o.cancel_request_version = o.version THEN o.cancel_requested_by END
+              AS cancel_requested_by;
 
 -- name: operations_rescue_expired
 -- Move operations whose lease expired (their worker died or stalled) to their step's retry
 -- state (failed, or a later step's own state) or to dead, per the step's on_lost policy and
 -- attempts. Fenced by the row lock: a worker recording at the same moment either wins (the
--- lease is gone) or finds the version changed.
+-- lease is gone) or finds the version changed. An attempt an operator asked to cancel is
+-- cancelled instead ('abort', in the operator's name), never retried.
 WITH expired AS MATERIALIZED (
     SELECT o.id, p.on_lost_dead, p.max_attempts
     FROM {s}.operations o
@@ -289,14 +342,22 @@ WITH expired AS MATERIALIZED (
     FOR UPDATE OF o SKIP LOCKED
 )
 UPDATE {s}.operations o
-SET state = CASE WHEN e.on_lost_dead
+SET state = CASE WHEN o.cancel_request_version = o.version THEN 'cancelled'
+                 WHEN e.on_lost_dead
                       OR o.step_attempts >= coalesce(o.max_attempts, e.max_attempts) THEN 'dead'
                  WHEN o.state = 'claimed' THEN 'failed'
                  ELSE o.state END,
-    transition = 'lose', transition_actor = :worker_id,
+    transition = CASE WHEN o.cancel_request_version = o.version THEN 'abort' ELSE 'lose' END,
+    transition_actor = CASE WHEN o.cancel_request_version = o.version
+                            THEN o.cancel_requested_by ELSE :worker_id END,
     transition_detail = 'lease of ' || coalesce(o.lease_owner, '?') || ' expired at '
         || o.lease_expires_at::text
-        || CASE WHEN e.on_lost_dead THEN '; on_lost=dead: the handler may have run, not retried'
+        || CASE WHEN o.cancel_request_version = o.version
+                THEN '; cancel requested by ' || o.cancel_requested_by || ' (role '
+                     || o.cancel_requested_role || ') at ' || o.cancel_requested_at::text
+                     || coalesce(': ' || o.cancel_request_reason, '') || '; honoured by '
+                     || :worker_id || ', not retried'
+                WHEN e.on_lost_dead THEN '; on_lost=dead: the handler may have run, not retried'
                 ELSE '' END,
     last_error = 'lease expired: worker ' || coalesce(o.lease_owner, '?') || ' was lost',
     version = o.version + 1, lease_owner = NULL, lease_expires_at = NULL, run_at = now()
@@ -500,7 +561,8 @@ ORDER BY seq;
 -- name: operations_lock_for_admin
 -- The operation an operator acts on, locked until the action commits (so the state named in a
 -- refusal is the state the database refused).
-SELECT id, state, lifecycle, lease_owner,
+SELECT id, state, lifecycle, lease_owner, version, audit_seq,
+       coalesce(cancel_request_version = version, false) AS cancel_requested,
        (SELECT CAST(l.definition AS text) FROM {s}.lifecycles l
         WHERE l.name = lifecycle ORDER BY l.version DESC LIMIT 1) AS definition,
        -- where a dead or cancelled operation stopped: the state it left for its final one
@@ -530,6 +592,35 @@ SET state = 'cancelled', transition = 'cancel', transition_actor = :actor,
     transition_detail = :reason, version = o.version + 1
 WHERE o.id = :id
 RETURNING o.id, o.state;
+
+-- name: operations_request_cancel
+-- Operator: ask the worker running this operation to cancel its handler (the trigger stamps
+-- the time, the role and the attempt's version, and refuses a second request for it). The
+-- notification reaches the holder at once; its heartbeat finds the request anyway.
+WITH requested AS (
+    UPDATE {s}.operations o
+    SET cancel_requested_by = :actor, cancel_request_reason = :reason
+    WHERE o.id = :id
+    RETURNING o.id, o.channel, o.version, o.audit_seq, o.lease_owner, o.lease_expires_at,
+              o.cancel_requested_at
+)
+SELECT id, version, audit_seq, lease_owner, lease_expires_at, cancel_requested_at,
+       pg_notify(channel, 'cancel:' || id::text)
+FROM requested;
+
+-- name: operations_cancel_outcome
+-- What became of a cancel request of attempt (version) :version: NULL while that attempt is
+-- still running, else the first audit row after it (trigger 'abort': cancelled; anything else:
+-- the handler finished first, or its lease was lost).
+SELECT o.version <> CAST(:version AS bigint) AS ended, o.state, o.lease_owner,
+       o.lease_expires_at, now() AS now,
+       (SELECT a.trigger FROM {s}.audit_log a
+        WHERE a.operation_id = o.id AND a.seq > :seq AND a.trigger <> 'reject'
+        ORDER BY a.seq LIMIT 1) AS trigger,
+       (SELECT a.to_state FROM {s}.audit_log a
+        WHERE a.operation_id = o.id AND a.seq > :seq AND a.trigger <> 'reject'
+        ORDER BY a.seq LIMIT 1) AS to_state
+FROM {s}.operations o WHERE o.id = :id;
 
 -- name: operations_replay
 -- Operator: run a dead or cancelled operation again from where it stopped (:to_state), now,

@@ -33,13 +33,26 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pgoutbox import observability
-from pgoutbox.context import DoNotRetry, GuardedSession, HandlerContext, SyncGuardedSession
+from pgoutbox.context import (
+    DoNotRetry,
+    GuardedSession,
+    HandlerContext,
+    Snooze,
+    SyncGuardedSession,
+)
 from pgoutbox.lifecycle import CLAIMED, DEAD, FAILED, FINISHED_STATES, PENDING
 from pgoutbox.router import HandlerSpec
 from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
 from pgoutbox.worker.flow_gate import FlowGate
+from pgoutbox.worker.running import (
+    Aborted,
+    HandlerTimedOut,
+    SnoozeLimitReached,
+    abort_args,
+    snooze_args,
+)
 
 if TYPE_CHECKING:
     from pgoutbox.worker.sync_handlers import SyncHandlers
@@ -81,6 +94,8 @@ class Claimed:
     trace_context: str | None = None  # the publisher's, as JSON (see pgoutbox.observability)
     started: bool = False  # a work loop took it: its handler may have acted outside
     finished: bool = False  # the handler is done: the heartbeat leaves it to the recorder
+    task: asyncio.Task[None] | None = None  # the work loop running its handler
+    abort: str | None = None  # an operator asked to cancel it: who (see running.py)
 
 
 @dataclass(slots=True)
@@ -172,6 +187,22 @@ class Dispatcher:
     def wake(self) -> None:
         """Look for due operations now (a notification arrived, or a slot freed)."""
         self._wake.set()
+
+    def abort(self, requests: Mapping[int, str]) -> list[int]:
+        """Cancel the handlers of these operations (id -> the operator who asked), whose
+        cancel requests the database holds; the ids found still running or queued. One not yet
+        started is recorded as aborted without running; one already finished keeps its real
+        outcome."""
+        found = []
+        for op_id, operator in requests.items():
+            op = self.in_flight.get(op_id)
+            if op is None or op.finished or op.abort is not None:
+                continue
+            op.abort = operator
+            found.append(op_id)
+            if op.task is not None:
+                op.task.cancel(f"cancel requested by {operator}")
+        return found
 
     def held_versions(self) -> dict[int, int]:
         """Operation id -> claimed version of what is queued or running (for the heartbeat)."""
@@ -436,12 +467,40 @@ class Dispatcher:
             # Checked per operation, not once: the metrics can be switched off (tests do).
             metrics = observability.metrics
             started = time.perf_counter() if metrics is not None else 0.0
-            outcome = await self._execute(op)
+            outcome = await self._attempt(op)
             if metrics is not None:
                 metrics.observe_attempt(op.operation_type, time.perf_counter() - started)
             op.finished = True
             self._outcomes.append(outcome)
             self._record_wake.set()
+
+    async def _attempt(self, op: Claimed) -> Outcome:
+        """Run one attempt under its timeout, stoppable by an operator's cancel: the three
+        kinds of cancellation are told apart here (running.py). Runs in the work loop's own
+        task, not one per attempt: a task per attempt costs the hot path."""
+        if op.abort is not None:  # requested while it was queued: nothing ran
+            return Outcome(op, Aborted(f"{self.worker_id} cancelled it before its handler ran"))
+        timeout = op.spec.timeout_seconds or self._settings.handler_timeout_seconds
+        op.task = asyncio.current_task()
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._execute(op)
+        except TimeoutError:
+            # Only the timeout's own expiry gets here: _run turns a handler's TimeoutError
+            # into its outcome.
+            assert timeout is not None
+            return Outcome(op, HandlerTimedOut(timeout))
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            # An operator's cancel, and nothing else (stop() cancelling too): recorded.
+            if op.abort is not None and task is not None and task.uncancel() == 0:
+                return Outcome(
+                    op,
+                    Aborted(f"{self.worker_id} cancelled the running handler (CancelledError)"),
+                )
+            raise
+        finally:
+            op.task = None
 
     async def _execute(self, op: Claimed) -> Outcome:
         """Run one attempt: in its trace span when tracing is on."""
@@ -676,9 +735,7 @@ class Dispatcher:
             async with self._pool.acquire() as conn, conn.transaction():
                 done = await self._record_successes(conn, successes) if successes else set()
                 if failures:
-                    q = self._q["operations_record_failure"]
-                    rows = await q.fetch(conn, **self._failure_args(failures))
-                    failed_into = {row["id"]: row["state"] for row in rows}
+                    failed_into = await self._record_failures(conn, failures)
                 late = {
                     **{o.op.id: self._late(o) for o in successes if o.op.id not in done},
                     **{o.op.id: self._late(o) for o in failures if o.op.id not in failed_into},
@@ -699,10 +756,45 @@ class Dispatcher:
                 elif o.error is None:  # a success, recorded above or in its own transaction
                     outcome = "succeeded"
                 else:
-                    outcome = "dead" if failed_into[o.op.id] == "dead" else "failed"
+                    outcome = _failure_outcome(o, failed_into[o.op.id])
                 counts[o.op.operation_type, outcome] += 1
             for (operation_type, outcome), n in counts.items():
                 observability.metrics.count_attempt(operation_type, outcome, n)
+
+    async def _record_failures(
+        self, conn: asyncpg.Connection, failures: list[Outcome]
+    ) -> dict[int, str]:
+        """Record failed attempts, snoozes and aborts, each fenced by its lease; operation id
+        -> the state each entered. A snooze past its operation's max_snoozes becomes a
+        failed attempt."""
+        into: dict[int, str] = {}
+        snoozes = [o for o in failures if isinstance(o.error, Snooze)]
+        if snoozes:
+            q = self._q["operations_record_snooze"]
+            args = snooze_args(snoozes, self._settings.max_snoozes, self.worker_id)
+            over = {}
+            for row in await q.fetch(conn, **args):
+                if row["snoozed"]:
+                    into[row["id"]] = row["state"]
+                else:
+                    over[row["id"]] = row["snoozes"]
+            for o in snoozes:
+                if o.op.id in over:
+                    o.error = SnoozeLimitReached(
+                        f"snoozed {over[o.op.id]} times, the most allowed (max_snoozes); this "
+                        f"snooze counts as a failed attempt ({o.error})"
+                    )
+        aborts = [o for o in failures if isinstance(o.error, Aborted)]
+        if aborts:
+            q = self._q["operations_record_abort"]
+            rows = await q.fetch(conn, **abort_args(aborts, self.worker_id))
+            into.update({row["id"]: row["state"] for row in rows})
+        failed = [o for o in failures if not isinstance(o.error, Snooze | Aborted)]
+        if failed:
+            q = self._q["operations_record_failure"]
+            rows = await q.fetch(conn, **self._failure_args(failed))
+            into.update({row["id"]: row["state"] for row in rows})
+        return into
 
     async def _record_and_claim(self, successes: list[Outcome]) -> set[int]:
         """Record these successes and claim as many as there is room for (up to a batch) in
@@ -830,7 +922,10 @@ def _released_to(op: Claimed, started: bool) -> str:
 
 def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
     """The trigger a finished step named and the state it leads to. The default lifecycle's
-    one step always succeeds; a custom lifecycle's step must name one of its state's exits."""
+    one step always succeeds; a custom lifecycle's step must name one of its state's exits.
+    A returned :class:`Snooze` is raised, as if the handler had raised it."""
+    if isinstance(result, Snooze):
+        raise result
     if not op.spec.lifecycle.custom:
         return "succeed", "succeeded"
     exits = op.spec.lifecycle.exits(op.step)
@@ -840,6 +935,15 @@ def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
             f"trigger to fire next, one of: {', '.join(sorted(exits))}"
         )
     return result, exits[result]
+
+
+def _failure_outcome(outcome: Outcome, state: str) -> observability.AttemptOutcome:
+    """How the metrics count an attempt recorded by _record_failures."""
+    if isinstance(outcome.error, Snooze):
+        return "snoozed"
+    if isinstance(outcome.error, Aborted):
+        return "cancelled"
+    return "dead" if state == DEAD else "failed"
 
 
 def _successes_only(batch: list[Outcome]) -> bool:

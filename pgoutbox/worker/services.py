@@ -31,6 +31,7 @@ class HeartbeatResult:
 
     extended: int
     not_extended: tuple[int, ...]
+    cancel_requested: tuple[int, ...] = ()  # an operator asked to cancel these attempts
 
 
 class Heartbeat(Service):
@@ -46,11 +47,15 @@ class Heartbeat(Service):
         lease_seconds: float,
         interval: float,
         held: Callable[[], Mapping[int, int]],
+        on_cancel_requests: Callable[[Mapping[int, str]], object] | None = None,
     ) -> None:
         super().__init__(interval)
         self._pool, self._q, self._worker_id = pool, queries, worker_id
         self._lease_seconds = lease_seconds
         self._held = held  # operation id -> version, read fresh each round
+        # Given operation id -> requesting operator for each held attempt whose cancel an
+        # operator requested: the database is where the request lives, whoever notified.
+        self._on_cancel_requests = on_cancel_requests
 
     async def run_once(self) -> HeartbeatResult:
         held = dict(self._held())
@@ -72,7 +77,11 @@ class Heartbeat(Service):
             # Usually an outcome being recorded right now. A real loss shows up, audited, as a
             # refused ("reject") result when the attempt finishes.
             log.debug("leases not extended: %s", not_extended)
-        return HeartbeatResult(len(extended), not_extended)
+        requests = {row["id"]: row["cancel_requested_by"] for row in rows}
+        requests = {op_id: by for op_id, by in requests.items() if by is not None}
+        if requests and self._on_cancel_requests is not None:
+            self._on_cancel_requests(requests)
+        return HeartbeatResult(len(extended), not_extended, tuple(sorted(requests)))
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class RescueResult:
     dead: int
     workers_pruned: int = 0
     timed_out: int = 0  # parked operations whose timeout trigger fired
+    cancelled: int = 0  # an operator had asked to cancel them: cancelled, not retried
 
 
 class Rescuer(Service):
@@ -154,6 +164,7 @@ class Rescuer(Service):
                     worker_id=self._worker_id,
                 )
         dead = sum(1 for row in rows if row["state"] == "dead")
+        cancelled = sum(1 for row in rows if row["state"] == "cancelled")
         if observability.metrics is not None:
             for row in rows:  # the worker that ran these is gone: its rescuer counts them
                 observability.metrics.count_attempt(row["operation_type"], "lost")
@@ -161,9 +172,11 @@ class Rescuer(Service):
             log.warning("rescued %d operations with expired leases (%d dead)", len(rows), dead)
         if timed_out:
             log.info("%d parked operations timed out", len(timed_out))
-        if (len(rows) > dead or timed_out) and self._on_rescued is not None:
+        if (len(rows) > dead + cancelled or timed_out) and self._on_rescued is not None:
             self._on_rescued()  # the retries (and steps after a timeout) are due now
-        return RescueResult(len(rows) - dead, dead, len(pruned), len(timed_out))
+        return RescueResult(
+            len(rows) - dead - cancelled, dead, len(pruned), len(timed_out), cancelled
+        )
 
 
 @dataclass(frozen=True)
@@ -180,6 +193,8 @@ class Listener(Service):
     Each round checks the connection (a query with a timeout, which also catches half-open
     connections) and reconnects when it is gone; a dropped connection triggers a round at once.
     ``on_notify`` is also called after a reconnect, since notifications sent meanwhile are lost.
+    A notification ``cancel:<id>`` (an operator's cancel request) calls ``on_cancel`` instead:
+    the request itself is read from the database, never taken from the notification.
     """
 
     name = "listener"
@@ -190,9 +205,11 @@ class Listener(Service):
         channel: str,
         on_notify: Callable[[], None],
         interval: float,
+        on_cancel: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(interval)
         self._settings, self._channel, self._on_notify = settings, channel, on_notify
+        self._on_cancel = on_cancel
         self._conn: asyncpg.Connection | None = None
         # One round at a time: a manual run_once() overlapping the loop's must not open a
         # second LISTEN connection.
@@ -227,8 +244,11 @@ class Listener(Service):
         self._on_notify()
         return ListenerResult(True, True)
 
-    def _notified(self, *_args: object) -> None:
-        self._on_notify()
+    def _notified(self, _conn: object, _pid: object, _channel: object, payload: object) -> None:
+        if self._on_cancel is not None and str(payload).startswith("cancel:"):
+            self._on_cancel()
+        else:
+            self._on_notify()
 
     @property
     def backend_pid(self) -> int | None:

@@ -123,15 +123,17 @@ class WorkflowSystem:
         dispatcher = Dispatcher(
             self._pool, q, ws, db.schema_name, self.handlers, self.worker_id, sessions, self._sync
         )
+        heartbeat = Heartbeat(
+            self._pool,
+            q,
+            self.worker_id,
+            ws.lease_seconds,
+            ws.heartbeat_interval,
+            dispatcher.held_versions,
+            on_cancel_requests=dispatcher.abort,
+        )
         self._services = [
-            Heartbeat(
-                self._pool,
-                q,
-                self.worker_id,
-                ws.lease_seconds,
-                ws.heartbeat_interval,
-                dispatcher.held_versions,
-            ),
+            heartbeat,
             Rescuer(
                 self._pool,
                 q,
@@ -146,7 +148,14 @@ class WorkflowSystem:
         ]
         if ws.listen:
             self._services.append(
-                Listener(db, ws.channel, dispatcher.wake, ws.poll_interval_seconds)
+                Listener(
+                    db,
+                    ws.channel,
+                    dispatcher.wake,
+                    ws.poll_interval_seconds,
+                    # An operator's cancel request: the heartbeat reads it now.
+                    on_cancel=heartbeat.kick,
+                )
             )
         for service in self._services:
             service.start()

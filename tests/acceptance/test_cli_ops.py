@@ -367,20 +367,55 @@ async def test_the_actor_defaults_to_the_os_user(
 async def test_a_refused_action_exits_1_naming_the_id_its_state_and_what_is_allowed(
     cli: Cli, ids: dict[str, int], world: World
 ) -> None:
-    claimed = ids["claimed"]
-    audit_before = await world.audit(claimed)
+    succeeded = ids["succeeded"]
+    audit_before = await world.audit(succeeded)
 
-    result = await cli("ops", "cancel", str(claimed), "--actor", "alice")
+    result = await cli("ops", "cancel", str(succeeded), "--actor", "alice")
 
     assert result.returncode == 1
     assert result.stdout == ""
     assert result.stderr == (
-        f"Error: cannot cancel operation {claimed}: it is claimed; cancel applies only to "
-        "dead or failed or pending operations (from claimed, lifecycle 'default' allows: fail, "
-        "give_up, lose, release, succeed)\n"
+        f"Error: cannot cancel operation {succeeded}: it is succeeded; cancel applies only to "
+        "dead or failed or pending operations (from succeeded, lifecycle 'default' allows: "
+        "nothing)\n"
+    )
+    assert await world.state(succeeded) == "succeeded"
+    assert await world.audit(succeeded) == audit_before
+
+
+async def test_cancelling_a_running_operation_nobody_answers_exits_1_and_the_request_stands(
+    cli: Cli, ids: dict[str, int], world: World
+) -> None:
+    # Claimed by "worker-1", which runs nowhere: the request is recorded, nobody acts on it.
+    claimed = ids["claimed"]
+    audit_before = await world.audit(claimed)
+
+    result = await cli("ops", "cancel", str(claimed), "--actor", "alice", "--wait", "0s")
+
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(
+        f"Error: cancel of operation {claimed} requested, but its worker worker-1 did not act "
+        "within 0 s; the request stands: the worker stops the handler when it sees it, or a "
+        "rescuer cancels the operation once its lease expires ("
     )
     assert await world.state(claimed) == "claimed"
     assert await world.audit(claimed) == audit_before
+    row = await world.row(claimed)
+    assert row is not None
+    assert (row["cancel_requested_by"], row["cancel_request_version"]) == ("alice", row["version"])
+    # Asked again: the standing request is waited for, not made twice.
+    again = await cli("ops", "cancel", str(claimed), "--actor", "bob", "--wait", "0s")
+    assert again.returncode == 1
+    assert "the request stands" in again.stderr
+    assert (await world.row(claimed) or {})["cancel_requested_by"] == "alice"
+
+
+async def test_a_cancel_wait_beyond_an_hour_is_a_usage_error(cli: Cli, ids: dict[str, int]) -> None:
+    result = await cli("ops", "cancel", str(ids["claimed"]), "--wait", "2h")
+
+    assert result.returncode == 2
+    assert "--wait is at most 1h" in result.stderr
 
 
 async def test_several_ids_are_each_done_or_refused_and_any_refusal_exits_1(

@@ -48,7 +48,12 @@ branch_labels = None
 depends_on = None
 
 _0010 = runpy.run_path(str(Path(__file__).with_name("0010_roles_enforced.py")))
-_eq, _same, _plus_one, _unchanged = _0010["_eq"], _0010["_same"], _0010["_plus_one"], _0010["_unchanged"]
+_eq, _same, _plus_one, _unchanged = (
+    _0010["_eq"],
+    _0010["_same"],
+    _0010["_plus_one"],
+    _0010["_unchanged"],
+)
 _NOW = _0010["_NOW"]
 
 ADDED_DEFAULT_TRANSITIONS = [
@@ -69,9 +74,7 @@ _CONDITIONS = {
             f"coalesce(NEW.run_at OPERATOR(pg_catalog.>=) {_NOW}, false)",
         ]
     ),
-    "requested": (
-        "coalesce(" + _eq("OLD.cancel_request_version", "OLD.version") + ", false)"
-    ),
+    "requested": ("coalesce(" + _eq("OLD.cancel_request_version", "OLD.version") + ", false)"),
     "abort_by": (
         f"(key_hash IS NOT NULL AND ({_same('OLD.lease_key_hash', 'key_hash')} "
         f"OR OLD.lease_expires_at OPERATOR(pg_catalog.<) {_NOW}))"
@@ -180,7 +183,11 @@ ALTER TABLE {s}.operations ENABLE ALWAYS TRIGGER a_operations_unaudited;
 
 
 def _unaudited(with_snoozes: bool) -> str:
-    extra = {"{snoozes}": ", snoozes", "{old_snoozes}": ", OLD.snoozes", "{new_snoozes}": ", NEW.snoozes"}
+    extra = {
+        "{snoozes}": ", snoozes",
+        "{old_snoozes}": ", OLD.snoozes",
+        "{new_snoozes}": ", NEW.snoozes",
+    }
     text = _UNAUDITED
     for key, value in extra.items():
         text = text.replace(key, value if with_snoozes else "")
