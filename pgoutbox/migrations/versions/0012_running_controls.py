@@ -23,8 +23,9 @@ Create Date: 2026-12-03
   ``abort`` without a request for that very attempt, by a session without the lease's key
   (before expiry), or with another actor: a worker role cannot claim that an operator
   cancelled something.
-- A step's result keeps ``step_attempts`` unless it enters another state, where it starts at 0
-  (before, only ``attempts`` was held still by a result).
+- A step's result keeps ``step_attempts`` unless it enters another step (an extra state of a
+  custom lifecycle), where it starts at 0 (before, only ``attempts`` was held still by a
+  result: a failure could reset its step's count and escape ``max_attempts``).
 
 The row trigger keeps 0009's rule: every function, operator and type in it is written with its
 schema, and no construct that looks up ``=`` by search_path is used in it.
@@ -79,10 +80,16 @@ _CONDITIONS = {
         f"(key_hash IS NOT NULL AND ({_same('OLD.lease_key_hash', 'key_hash')} "
         f"OR OLD.lease_expires_at OPERATOR(pg_catalog.<) {_NOW}))"
     ),
-    # A result keeps the step's attempt count, or starts it afresh in another state.
+    # A result keeps the step's attempt count, or starts it afresh entering another step (an
+    # extra state of a custom lifecycle: not one of the six built-in states).
     "step_attempts_kept": (
         f"({_unchanged('step_attempts')} OR ({_eq('NEW.step_attempts', '0')} "
-        f"AND NOT {_eq('NEW.state', 'OLD.state')}))"
+        f"AND NOT {_eq('NEW.state', 'OLD.state')} AND "
+        + " AND ".join(
+            f"NEW.state OPERATOR(pg_catalog.<>) '{state}'"
+            for state in ("pending", "claimed", "failed", "succeeded", "dead", "cancelled")
+        )
+        + "))"
     ),
 }
 
@@ -122,7 +129,7 @@ _EDITS = [
         "            WHEN NOT (<ends_lease> AND <keeps_attempts_only>) THEN\n"
         "                'a result ends the lease, adds one to version and leaves attempts alone'\n"
         "            WHEN NOT <step_attempts_kept> THEN\n"
-        "                'a result keeps step_attempts, or starts it at 0 in another state'\n",
+        "                'a result keeps step_attempts, or starts it at 0 entering another step'\n",
     ),
     # The abort's actor is the requesting operator, checked above instead of the worker's key.
     (
