@@ -322,10 +322,14 @@ class Dispatcher:
                         conn, **NOTHING_RECORDED, **self._claim_args(limit - len(rows))
                     )
                 self._rate_wait = None
-                if len(rows) < limit and self._gate.limited_types:
+                # A limited operation takes a slot of its limit from its claim on: claim only
+                # what a handler will start now, or the slots would wait in this worker's
+                # queue while other workers' handlers stand idle.
+                idle = self._idle_handlers() - len(rows)
+                if len(rows) < limit and idle > 0 and self._gate.limited_types:
                     leased, self._rate_wait = await self._gate.claim(
                         conn,
-                        want=limit - len(rows),
+                        want=min(limit - len(rows), idle),
                         worker_id=self.worker_id,
                         lease_seconds=self._settings.lease_seconds,
                         lifecycles=self._lifecycle_of,
@@ -362,6 +366,11 @@ class Dispatcher:
         self._orphans = False
         if rows:
             log.warning("handed back %d operations whose claim's reply was lost", len(rows))
+
+    def _idle_handlers(self) -> int:
+        """Handlers that would have nothing to run once what is queued has started."""
+        busy = sum(1 for op in self.in_flight.values() if not op.finished)
+        return self._settings.n_workers - busy
 
     def _room(self) -> int:
         """How many more operations this worker may claim: its capacity less what it will
@@ -433,12 +442,17 @@ class Dispatcher:
 
     async def _idle_timeout(self) -> float:
         """Seconds to sleep when nothing more is due: until the next run_at, at most the poll
-        interval."""
+        interval. Only free types count: a limited one held back is due and waits for a slot
+        (this worker's own finish wakes it; another's claims itself) or for its rate (the
+        claim loop's rate wait), and waking every 50 ms to find it still held back would only
+        load the database."""
         poll = self._settings.poll_interval_seconds
         q = self._q["operations_next_run_at"]
-        paused = set(self._gate.paused_types)
-        types = [t for t in self._types if t not in paused]
-        steps = [(t, s) for t, s in self._step_pairs if t not in paused]
+        free = set(self._gate.free_types)
+        if not free:
+            return poll
+        types = [t for t in self._types if t in free]
+        steps = [(t, s) for t, s in self._step_pairs if t in free]
         try:
             async with self._pool.acquire() as conn:
                 wait = await q.fetchval(
