@@ -10,8 +10,9 @@ Usage::
     @router.on("send_email", concurrency=5, rate="1000/min")  # a limit of this type alone
     async def send_email(ctx, payload): ...
 
-A limit counts the operations of its types that hold a lease (running, or claimed and queued)
-and the starts (claims) per period, per partition when ``partition_by`` is given. Workers claim
+A limit counts the operations of its types that hold a lease (a worker claims them only for a
+handler free to start them, so that is what runs) and the starts (claims) per period, per
+partition when ``partition_by`` is given. Workers claim
 limited types under a transaction-scoped advisory lock per limit, so two workers never both see
 the last free slot; the plan of what to claim is :func:`plan_claims`, pure, below. Rates are
 GCRA (the "theoretical arrival time" form of a token bucket): a start conforms when it is no
