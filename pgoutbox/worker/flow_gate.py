@@ -195,29 +195,8 @@ class FlowGate:
                 if p.scope == "limit" and p.partition is not None and p.target in limits
             }
             wait = _rate_wait(limits, buckets, held_back, now)
-            exclusions = [
-                (t, limits[name].partition_kind, limits[name].partition_path, partition)
-                for name, partition in sorted(held_back)
-                for t in limits[name].operation_types
-                if t in types
-            ]
-            first = sorted(types)
-            steps = [(t, s) for t, s in step_pairs if t in types]
-            rows = await q["operations_flow_candidates"].fetch(
-                conn,
-                channel=self._channel,
-                operation_types=first,
-                lifecycles=[lifecycles[t] for t in first],
-                step_types=[t for t, _ in steps],
-                step_states=[s for _, s in steps],
-                x_types=[x[0] for x in exclusions],
-                x_kinds=[x[1] for x in exclusions],
-                x_paths=[x[2] for x in exclusions],
-                x_values=[x[3] for x in exclusions],
-                kinds=[limits[n].partition_kind for n in names],
-                paths=[limits[n].partition_path for n in names],
-                # Some candidates may go back: more of one partition than it has room for.
-                scan=max(4 * want, 20),
+            rows = await self._candidates(
+                conn, limits, held_back, lifecycles, step_pairs, scan=max(4 * want, 20)
             )
             candidates = [
                 Candidate(
@@ -249,6 +228,45 @@ class FlowGate:
         if plan.wait is not None:
             wait = plan.wait if wait is None else min(wait, plan.wait)
         return leased, wait
+
+    async def _candidates(
+        self,
+        conn: asyncpg.Connection,
+        limits: Mapping[str, LimitInForce],
+        held_back: set[tuple[str, str]],
+        lifecycles: Mapping[str, str],
+        step_pairs: list[tuple[str, str]],
+        scan: int,
+    ) -> list[asyncpg.Record]:
+        """Up to ``scan`` due operations of the limited types, locked, none of a held-back
+        (limit, partition), each with its partition under every limit (in ``limits`` order).
+        More than the claim wants: some may go back (more of one partition than it has room
+        for)."""
+        types = set(self.limited_types)
+        exclusions = [
+            (t, limits[name].partition_kind, limits[name].partition_path, partition)
+            for name, partition in sorted(held_back)
+            for t in limits[name].operation_types
+            if t in types
+        ]
+        first = sorted(types)
+        steps = [(t, s) for t, s in step_pairs if t in types]
+        rows: list[asyncpg.Record] = await self._q["operations_flow_candidates"].fetch(
+            conn,
+            channel=self._channel,
+            operation_types=first,
+            lifecycles=[lifecycles[t] for t in first],
+            step_types=[t for t, _ in steps],
+            step_states=[s for _, s in steps],
+            x_types=[x[0] for x in exclusions],
+            x_kinds=[x[1] for x in exclusions],
+            x_paths=[x[2] for x in exclusions],
+            x_values=[x[3] for x in exclusions],
+            kinds=[limit.partition_kind for limit in limits.values()],
+            paths=[limit.partition_path for limit in limits.values()],
+            scan=scan,
+        )
+        return rows
 
     async def _running(
         self, conn: asyncpg.Connection, names: list[str], limits: Mapping[str, LimitInForce]
