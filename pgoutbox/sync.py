@@ -177,7 +177,7 @@ class _PsycopgTarget:
     queries: dict[str, Query]
 
     def rows(self, query: Query, params: dict[str, Any]) -> list[tuple[Any, ...]]:
-        cursor = self.conn.execute(query.psycopg_sql, params, prepare=False)
+        cursor = self.conn.execute(query.psycopg_sql, params)
         return cursor.fetchall() if cursor.description is not None else []
 
     @contextlib.contextmanager
