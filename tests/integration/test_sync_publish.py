@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 from django.test import override_settings
 
@@ -145,3 +146,24 @@ def test_psycopg_connection_bound_to_settings_publishes_into_their_schema(
 def test_publishing_on_something_else_is_refused_naming_what_is_accepted(session: Any) -> None:
     with pytest.raises(PublishError, match=r"pass an SQLAlchemy AsyncSession .* or Session"):
         publish_operation(session, "t", {}, "c")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        pytest.param({"SCHEMAS": "x"}, r"PGOUTBOX has unknown key\(s\) \['SCHEMAS'\]", id="key"),
+        pytest.param({"SCHEMA": "bad;schema"}, "invalid schema name 'bad;schema'", id="schema"),
+        pytest.param({"DATABASE": "other"}, "'other', which is not in DATABASES", id="alias"),
+    ],
+)
+def test_bad_django_settings_are_refused_naming_them_and_nothing_is_written(
+    django_schema: str, db_settings: DatabaseSettings, options: dict[str, Any], message: str
+) -> None:
+    with (
+        override_settings(PGOUTBOX=options),
+        pytest.raises(ImproperlyConfigured, match=message),
+        transaction.atomic(),
+    ):
+        publish_operation(connection, "billing.charge", {"n": "1"}, "shop")
+
+    assert _published(db_settings) == []
