@@ -97,7 +97,7 @@ _Plan: TypeAlias = Generator["_Run | _Savepoint", Any, T]
 
 @overload
 def publish_operation(
-    session: AsyncSession,
+    session: AsyncSession | GuardedSession,
     operation_type: str,
     payload: Any,
     channel: str,
@@ -126,7 +126,7 @@ def publish_operation(
 
 
 def publish_operation(
-    session: AsyncSession | SyncSession,
+    session: AsyncSession | GuardedSession | SyncSession,
     operation_type: str,
     payload: Any,
     channel: str,
@@ -192,7 +192,7 @@ def publish_operation(
 
 @overload
 def publish_many(
-    session: AsyncSession, operations: Iterable[Mapping[str, Any]]
+    session: AsyncSession | GuardedSession, operations: Iterable[Mapping[str, Any]]
 ) -> Coroutine[Any, Any, list[OperationId]]: ...
 
 
@@ -203,7 +203,7 @@ def publish_many(
 
 
 def publish_many(
-    session: AsyncSession | SyncSession, operations: Iterable[Mapping[str, Any]]
+    session: AsyncSession | GuardedSession | SyncSession, operations: Iterable[Mapping[str, Any]]
 ) -> Coroutine[Any, Any, list[OperationId]] | list[OperationId]:
     """Record many operations in one statement; return their ids in input order.
 
