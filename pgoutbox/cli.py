@@ -21,7 +21,7 @@ import asyncpg
 import click
 from pydantic import ValidationError
 
-from pgoutbox import cli_flow, cli_ops, integrity, migrations
+from pgoutbox import cli_audit, cli_flow, cli_ops, integrity, migrations
 from pgoutbox.cli_errors import (
     DATABASE_ERRORS,
     CliError,
@@ -195,10 +195,24 @@ def audit() -> None:
 
 
 @audit.command("verify")
+@click.option(
+    "--checkpoint",
+    type=click.Path(dir_okay=False),
+    help="Also prove that what this signed checkpoint covers is unchanged, and check every "
+    "row's meaning (docs/audit.md).",
+)
+@click.option("--public-key", type=click.Path(dir_okay=False), help="The checkpoint's key.")
+@click.option("--heads", type=click.Path(dir_okay=False), help="Default: the checkpoint's own.")
 @click.pass_obj
-def audit_verify(obj: _Context) -> None:
+def audit_verify(
+    obj: _Context, checkpoint: str | None, public_key: str | None, heads: str | None
+) -> None:
     """Recompute every hash chain and check the schema's triggers and functions; exit 1
-    naming the first bad operation and seq and every weakened trigger or function."""
+    naming the first bad operation and seq and every weakened trigger or function. With
+    --checkpoint and --public-key: every problem, each naming operation, seq and rule."""
+    if checkpoint is not None or public_key is not None:
+        cli_audit.verify_against(obj, checkpoint, public_key, heads)  # pgoutbox/cli_audit.py
+        return
     # A progress bar on stderr when it is a terminal (pgoutbox/cli_ops.py).
     result = cli_ops.run_verify(obj)
     if not result.ok:
@@ -464,6 +478,7 @@ def web(
 # -- operator tools: `ops`, `audit report`, `stats`, `workers` (pgoutbox/cli_ops.py) -----------
 cli_ops.register(cli, audit)
 cli_flow.register(cli)  # `pause`, `resume`, `limits` (pgoutbox/cli_flow.py)
+cli_audit.register(audit)  # `audit keygen/checkpoint/prove/check-proof/as-of` (cli_audit.py)
 
 
 def _accept_database_options_after_commands(group: click.Group) -> None:

@@ -51,6 +51,10 @@ live in the migrations. Usage::
     ``finished_before``, ``include_dead``, ``batch_size``, ``deleted`` (operations deleted so
     far), ``started_at``, ``finished_at`` (NULL while running or if interrupted).
 
+``<schema>.audit_checkpoints`` -- a copy of each signed audit checkpoint (``pgoutbox audit
+    checkpoint``), for convenience only: ``taken_at``, ``size``, ``covered_rows``, ``root``,
+    ``key_id``, ``document``, ``recorded_by``, ``recorded_at``.
+
 ``<schema>.flow_limits``, ``flow_overrides``, ``flow_pauses``, ``flow_buckets`` -- flow control
     (docs/flow-control.md): the limits routers declare, operators' overrides of them (newest per
     limit in force; kept for ever), pauses (open while ``resumed_at`` is NULL; a resume closes
@@ -469,6 +473,26 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         comment="Rate limits' state: when each partition's next start conforms (GCRA's "
         "theoretical arrival time).",
     )
+
+    audit_checkpoints = Table(
+        "audit_checkpoints",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), nullable=False),
+        Column("taken_at", _timestamptz(), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("covered_rows", BigInteger, nullable=False),
+        Column("root", BYTEA, nullable=False),
+        Column("key_id", Text, nullable=False),
+        Column("document", JSONB, nullable=False),
+        Column("recorded_by", Text, nullable=False, server_default=text("CURRENT_USER")),
+        Column("recorded_at", _timestamptz(), nullable=False, server_default=_NOW),
+        PrimaryKeyConstraint("id", name="audit_checkpoints_pkey"),
+        CheckConstraint("size >= 0", name="audit_checkpoints_size_check"),
+        CheckConstraint("covered_rows >= 0", name="audit_checkpoints_covered_rows_check"),
+        comment="Copies of the signed audit checkpoints, for convenience: never the source of "
+        "trust (the signed files are).",
+    )
+    Index("audit_checkpoints_taken_at", audit_checkpoints.c.taken_at)
     return metadata
 
 

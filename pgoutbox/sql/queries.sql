@@ -1102,3 +1102,101 @@ SELECT id, operation_type, state, payload, attempts, step_attempts, max_attempts
        idempotency_key, trace_context, queue_age_seconds
 FROM claimed
 ORDER BY priority DESC, run_at, id;
+
+-- =============================================================================================
+-- anchored audit: checkpoints, verification against them, proofs, history as of an instant
+-- (pgoutbox/anchor.py, docs/audit.md)
+-- =============================================================================================
+
+-- name: anchor_horizon
+-- Before a checkpoint's snapshot: the earliest start of a transaction open in this database
+-- now (a row it writes is recorded at or after it), whether every backend's start is visible
+-- to this role, and whether a prepared transaction (start unknown) is pending.
+SELECT clock_timestamp() AS now,
+       (SELECT min(xact_start) FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid()) AS oldest_start,
+       (SELECT count(*) FROM pg_stat_activity
+        WHERE datname = current_database() AND pid <> pg_backend_pid()
+          AND backend_type = 'client backend' AND state IS NULL) AS hidden,
+       (SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database()) AS prepared,
+       current_setting('track_activities') = 'on' AS tracked;
+
+-- name: anchor_snapshot
+-- Inside a checkpoint's snapshot: the database's time, name and the schema's revision.
+SELECT clock_timestamp() AS taken_at, current_database() AS database,
+       (SELECT revision FROM {s}.schema_revision) AS revision;
+
+-- name: anchor_chain_rows
+-- The audit log's rows in (operation_id, seq) order after a keyset position, only what a
+-- checkpoint needs of each (it takes each operation's last row as its chain head).
+SELECT operation_id, seq, hash
+FROM {s}.audit_log
+WHERE (operation_id, seq) > (:after_operation_id, :after_seq)
+ORDER BY operation_id, seq
+LIMIT :limit;
+
+-- name: anchor_intents
+-- The recorded intent of these operations (those still in the table).
+SELECT id, operation_type, channel, lifecycle, CAST(payload AS text) AS payload,
+       idempotency_key, created_by, created_at
+FROM {s}.operations
+WHERE id = ANY (CAST(:ids AS bigint[]));
+
+-- name: anchor_lifecycle_versions
+-- Every registered version of every custom lifecycle, oldest first.
+SELECT name, version, digest, CAST(definition AS text) AS definition, registered_at
+FROM {s}.lifecycles
+ORDER BY name, version;
+
+-- name: anchor_lifecycle_types
+-- Which lifecycle each registered operation type runs now.
+SELECT operation_type, lifecycle FROM {s}.lifecycle_types;
+
+-- name: anchor_purges
+-- Every recorded retention purge.
+SELECT id, finished_before, include_dead, deleted, started_at FROM {s}.purges ORDER BY id;
+
+-- name: anchor_audit_page
+-- What verification against a checkpoint reads: audit_log_page's rows with each operation's
+-- recorded intent and lifecycle.
+SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
+       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
+       o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
+       o.state AS current_state, o.lifecycle, o.channel, CAST(o.payload AS text) AS payload,
+       o.idempotency_key, o.created_by, o.created_at, o.operation_type AS current_type
+FROM {s}.audit_log a
+LEFT JOIN {s}.operations o ON o.id = a.operation_id
+WHERE (a.operation_id, a.seq) > (:after_operation_id, :after_seq)
+ORDER BY a.operation_id, a.seq
+LIMIT :limit;
+
+-- name: anchor_record_checkpoint
+-- Keep a copy of a signed checkpoint (for convenience: nothing trusts it).
+INSERT INTO {s}.audit_checkpoints (taken_at, size, covered_rows, root, key_id, document)
+VALUES (:taken_at, :size, :covered_rows, :root, :key_id, CAST(:document AS jsonb))
+RETURNING id;
+
+-- name: anchor_latest_checkpoint
+-- The newest recorded checkpoint's document (a convenience copy).
+SELECT CAST(document AS text) AS document FROM {s}.audit_checkpoints
+ORDER BY taken_at DESC, id DESC LIMIT 1;
+
+-- name: anchor_operation_rows
+-- One operation's audit rows up to a seq, in order (what a proof carries).
+SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, db_role,
+       detail, recorded_at, prev_hash, hash
+FROM {s}.audit_log
+WHERE operation_id = :operation_id AND seq <= :seq
+ORDER BY seq;
+
+-- name: anchor_as_of
+-- Each operation's newest audit row recorded at or before an instant (its state then),
+-- newest operation first, before a keyset position (descending, so the primary key's index
+-- is read backwards instead of sorted); `types` empty means every type.
+SELECT DISTINCT ON (a.operation_id) a.operation_id, a.seq, a.operation_type, a.to_state,
+       a.trigger, a.attempt, a.recorded_at
+FROM {s}.audit_log a
+WHERE a.operation_id < :before_operation_id AND a.recorded_at <= :at
+  AND (cardinality(CAST(:types AS text[])) = 0 OR a.operation_type = ANY (CAST(:types AS text[])))
+ORDER BY a.operation_id DESC, a.seq DESC
+LIMIT :limit;

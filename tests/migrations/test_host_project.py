@@ -102,6 +102,7 @@ def downgrade() -> None:
 '''
 
 PGOUTBOX_TABLES = [
+    "audit_checkpoints",
     "audit_log",
     "flow_buckets",
     "flow_limits",

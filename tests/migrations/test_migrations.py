@@ -42,6 +42,7 @@ PGOUTBOX_TABLES = {
     "flow_overrides",
     "flow_pauses",
     "flow_buckets",
+    "audit_checkpoints",
 }
 # The triggers that make the audit log the database's, not the application's. Every one is
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.

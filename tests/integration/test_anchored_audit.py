@@ -1,0 +1,365 @@
+"""The hostile DBA's edits of the audit log (issue 17), each done as the schema's owner with the
+triggers off and back on: caught by ``verify`` against a checkpoint taken before them, naming
+the operation and seq; and, done after the last checkpoint, caught by the semantic rules where
+the edit breaks the history's meaning (``SEMANTIC`` below is the documented table: docs/audit.md,
+"What a checkpoint proves").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+from anchorkit import (
+    Signer,
+    a_year_before,
+    chain,
+    named,
+    publish,
+    rewrite_chain,
+    run,
+    shop,
+    transition,
+    triggers_off,
+)
+
+import pgoutbox_proof as proof
+from pgoutbox import anchor
+from pgoutbox.settings import DatabaseSettings
+
+Found = set[tuple[int, int, str]]
+Tampering = Callable[[asyncpg.Connection, str, dict[str, int]], Awaitable[tuple[Found, Found]]]
+TAMPERINGS: dict[str, Tampering] = {}
+
+
+def tampering(fn: Tampering) -> Tampering:
+    TAMPERINGS[fn.__name__] = fn
+    return fn
+
+
+# Each returns (what verify against an earlier checkpoint names, what the semantic rules alone
+# name when the same edit is made to history recorded after the last checkpoint).
+
+
+@tampering
+async def rewrite_success_as_give_up(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    rows = await chain(conn, s, op)
+    rows[-1].update(trigger="give_up", to_state="dead", detail="card declined")
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await rewrite_chain(conn, s, op, rows, state="dead")
+    # claimed -> dead by give_up is a transition the lifecycle allows: meaningful, and false.
+    return {(op, 3, "checkpoint")}, set()
+
+
+@tampering
+async def truncate_and_run_again(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    rows = await chain(conn, s, op)
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await rewrite_chain(conn, s, op, rows[:1], state="pending")
+        await conn.execute(
+            f'UPDATE "{s}".operations SET attempts = 0, step_attempts = 0 WHERE id = $1', op
+        )
+    # A pending operation that was just published is a consistent history.
+    return {(op, 2, "checkpoint")}, set()
+
+
+@tampering
+async def delete_operation_and_chain(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await conn.execute(f'DELETE FROM "{s}".audit_log WHERE operation_id = $1', op)
+        await conn.execute(f'DELETE FROM "{s}".operations WHERE id = $1', op)
+    # Nothing is left to check: only a checkpoint knows it existed.
+    return {(op, 1, "checkpoint")}, set()
+
+
+@tampering
+async def delete_unpurged_and_drop_last_row(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await conn.execute(f'DELETE FROM "{s}".audit_log WHERE operation_id = $1 AND seq = 3', op)
+        await conn.execute(f'DELETE FROM "{s}".operations WHERE id = $1', op)
+    # Gone while claimed: no purge deletes that.
+    return {(op, 3, "checkpoint"), (op, 2, "purge")}, {(op, 2, "purge")}
+
+
+@tampering
+async def fabricate_backdated_chain(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    template = await chain(conn, s, ids["succeeded"])
+    fake = 10_000 + max(ids.values())
+    rows = [{**r, "recorded_at": a_year_before(r["recorded_at"])} for r in template]
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await rewrite_chain(conn, s, fake, rows)
+    # Recorded "before" the checkpoint's horizon yet not covered; and no purge explains it.
+    return {(fake, 1, "checkpoint"), (fake, 3, "purge")}, {(fake, 3, "purge")}
+
+
+@tampering
+async def fabricate_recent_chain(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    template = await chain(conn, s, ids["succeeded"])
+    fake = 10_000 + max(ids.values())
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await rewrite_chain(conn, s, fake, template)
+    return {(fake, 3, "purge")}, {(fake, 3, "purge")}
+
+
+@tampering
+async def backdate_a_row_by_a_year(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["retried"]
+    rows = await chain(conn, s, op)
+    rows[3]["recorded_at"] = a_year_before(rows[3]["recorded_at"])
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await rewrite_chain(conn, s, op, rows)
+    return {(op, 4, "time"), (op, 5, "checkpoint")}, {(op, 4, "time")}
+
+
+@tampering
+async def reorder_two_rows(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["retried"]
+    rows = await chain(conn, s, op)
+    rows[1], rows[2] = rows[2], rows[1]
+    async with triggers_off(conn, s, "audit_log", "operations"):
+        await rewrite_chain(conn, s, op, rows)
+    semantic = {(op, 2, "from_state"), (op, 3, "time")}
+    return semantic | {(op, 5, "checkpoint")}, semantic
+
+
+async def _edit_operation(conn: asyncpg.Connection, s: str, op: int, assignment: str) -> None:
+    async with triggers_off(conn, s, "operations"):
+        await conn.execute(f'UPDATE "{s}".operations SET {assignment} WHERE id = $1', op)
+
+
+@tampering
+async def change_payload(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    await _edit_operation(conn, s, op, """payload = '{"amount": 999}'""")
+    return {(op, 1, "intent")}, set()  # seq 1 records no hash of the payload (not done)
+
+
+@tampering
+async def change_idempotency_key(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    await _edit_operation(conn, s, op, "idempotency_key = 'another'")
+    return {(op, 1, "intent")}, set()
+
+
+@tampering
+async def change_type(conn: asyncpg.Connection, s: str, ids: dict[str, int]) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    await _edit_operation(conn, s, op, "operation_type = 'refund'")
+    return {(op, 1, "intent")}, {(op, 1, "intent")}  # every audit row carries the type
+
+
+@tampering
+async def change_creator(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["succeeded"]
+    await _edit_operation(conn, s, op, "created_by = 'alice'")
+    return {(op, 1, "intent")}, {(op, 1, "intent")}  # seq 1's actor is the creator
+
+
+@tampering
+async def add_use_and_remove_an_edge(
+    conn: asyncpg.Connection, s: str, ids: dict[str, int]
+) -> tuple[Found, Found]:
+    op = ids["pending"]
+    edge = "('default', 'pending', 'succeed', 'succeeded')"
+    await conn.execute(f'INSERT INTO "{s}".lifecycle_transitions VALUES {edge}')
+    await conn.execute(
+        f"UPDATE \"{s}\".operations SET state = 'succeeded', transition = 'succeed', "
+        "transition_actor = 'worker-1' WHERE id = $1",
+        op,
+    )
+    await conn.execute(
+        f'DELETE FROM "{s}".lifecycle_transitions WHERE (lifecycle, from_state, trigger, '
+        f"to_state) = {edge}"
+    )
+    # No trigger was disabled: the edge is checked against the default lifecycle in the code.
+    return {(op, 2, "edge")}, {(op, 2, "edge")}
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERINGS))
+async def test_tampering_before_a_checkpoint_is_named(
+    name: str, db_settings: DatabaseSettings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    ids = await shop(conn, s)
+    signer = Signer(tmp_path)
+    checkpoint = await signer.checkpoint(conn, s)
+    assert (await signer.verify(conn, s, checkpoint)).ok
+
+    expected, _ = await TAMPERINGS[name](conn, s, ids)
+    result = await signer.verify(conn, s, checkpoint)
+
+    assert not result.ok
+    assert expected <= named(result), result.failures()
+    assert all(
+        str(p).startswith(f"operation {p.operation_id} seq {p.seq}: [") for p in result.problems
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TAMPERINGS))
+async def test_tampering_after_the_last_checkpoint_meets_the_semantic_rules(
+    name: str, db_settings: DatabaseSettings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    signer = Signer(tmp_path)
+    await shop(conn, s)
+    checkpoint = await signer.checkpoint(conn, s)
+    ids = await shop(conn, s)  # history the checkpoint does not cover
+
+    _, expected = await TAMPERINGS[name](conn, s, ids)
+    result = await signer.verify(conn, s, checkpoint)
+
+    if expected:
+        assert expected <= named(result), result.failures()
+    else:  # documented as not caught without a checkpoint covering it
+        assert result.ok, result.failures()
+
+
+async def test_heads_file_and_checkpoint_must_belong_together(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    signer = Signer(tmp_path)
+    await shop(conn, s)
+    first = await signer.checkpoint(conn, s)
+    await shop(conn, s)
+    second = await signer.checkpoint(conn, s)
+
+    document = anchor.read_checkpoint(first, signer.public)
+    heads = anchor.read_heads(anchor.heads_path_for(second))
+    result = await anchor.verify_against_checkpoint(conn, s, document, heads)
+
+    assert any("does not hash to the checkpoint's signed root" in p.reason for p in result.problems)
+
+
+async def test_a_checkpoint_altered_after_signing_or_signed_by_another_key_is_refused(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    signer = Signer(tmp_path)
+    await shop(conn, s)
+    path = await signer.checkpoint(conn, s)
+    document = anchor.read_checkpoint(path, signer.public)
+
+    other = Signer(tmp_path)
+    with pytest.raises(anchor.CheckpointError, match="signed by key"):
+        anchor.read_checkpoint(path, other.public)
+    path.write_text(path.read_text().replace(str(document["size"]), str(document["size"] - 1), 1))
+    with pytest.raises(anchor.CheckpointError, match="altered after signing"):
+        anchor.read_checkpoint(path, signer.public)
+
+
+async def test_proofs_check_offline_and_fail_on_a_changed_row(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    signer = Signer(tmp_path)
+    ids = await shop(conn, s)
+    path = await signer.checkpoint(conn, s)
+    document = anchor.read_checkpoint(path, signer.public)
+
+    for op in ids.values():
+        built = await anchor.prove(
+            conn, s, op, document, anchor.read_heads(anchor.heads_path_for(path))
+        )
+        assert proof.check_proof(built, signer.public).startswith(f"OK: operation {op}")
+
+    built = await anchor.prove(
+        conn, s, ids["succeeded"], document, anchor.read_heads(anchor.heads_path_for(path))
+    )
+    built["rows"][-1]["detail"] = "card declined"
+    with pytest.raises(proof.ProofError, match="seq 3: hash does not match"):
+        proof.check_proof(built, signer.public)
+    built = await anchor.prove(
+        conn, s, ids["succeeded"], document, anchor.read_heads(anchor.heads_path_for(path))
+    )
+    assert built["intent"] is not None
+    built["intent"]["payload"] = '{"amount": 999}'
+    with pytest.raises(proof.ProofError, match="do not lead to the checkpoint's signed root"):
+        proof.check_proof(built, signer.public)
+
+
+async def test_rows_added_since_the_checkpoint_verify_and_in_flight_ones_are_covered_next_time(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection, database_dsn: str, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    signer = Signer(tmp_path)
+    ids = await shop(conn, s)
+    other = await asyncpg.connect(database_dsn)
+    try:
+        # A transition in flight (not committed) while the checkpoint is taken: not covered,
+        # and it holds the horizon back to its start, so its row is not taken for a backdated one.
+        tx = other.transaction()
+        await tx.start()
+        await transition(other, s, ids["pending"], "claim", "claimed")
+        first = await signer.checkpoint(conn, s)
+        await tx.commit()
+    finally:
+        await other.close()
+    document = anchor.read_checkpoint(first, signer.public)
+    assert document["horizon"] is not None
+    assert document["horizon"] <= document["taken_at"]
+    assert (await signer.verify(conn, s, first)).ok
+
+    second = await signer.checkpoint(conn, s)
+    rows = document["rows"]
+    assert anchor.read_checkpoint(second, signer.public)["rows"] == rows + 1
+    assert (await signer.verify(conn, s, second)).ok
+
+
+async def test_as_of_matches_a_live_snapshot(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    s = db_settings.schema_name
+    await shop(conn, s)
+    more = await publish(conn, s, 3, operation_type="refund")
+    await run(conn, s, more[0], "running")
+    snapshot_at: datetime = await conn.fetchval("SELECT clock_timestamp()")
+    live = {
+        r["id"]: (r["operation_type"], r["state"])
+        for r in await conn.fetch(f'SELECT id, operation_type, state FROM "{s}".operations')
+    }
+    # History moves on after the instant, and an operation is purged: the log still knows.
+    await run(conn, s, more[1], "succeeded")
+    await transition(conn, s, more[0], "succeed", "succeeded")
+    await conn.execute(f'DELETE FROM "{s}".operations WHERE id = $1', more[0])
+
+    history = await anchor.as_of(conn, s, snapshot_at)
+
+    assert {o.operation_id: (o.operation_type, o.state) for o in history.operations} == live
+    expected_counts: dict[str, int] = {}
+    for _, state in live.values():
+        expected_counts[state] = expected_counts.get(state, 0) + 1
+    assert history.counts == dict(sorted(expected_counts.items()))
+    refunds = await anchor.as_of(conn, s, snapshot_at, types=["refund"])
+    assert {o.operation_id for o in refunds.operations} == set(more)
+    before = await anchor.as_of(conn, s, datetime(2000, 1, 1, tzinfo=UTC))
+    assert before.operations == []
