@@ -1,23 +1,22 @@
 """DESIGN §7: bad input gets a clear error naming the bad value, and nothing is written --
 on every way to publish (an AsyncSession, a sync Session, psycopg, Django: publishkit.py).
 
-The many refusal cases share one schema migrated for this module (nothing should be written
-there, and each test checks that its own counts did not move); tests that do write use the
-per-test ``db_settings`` schema.
+All the cases share one schema migrated for this module (conftest.py): nothing should be
+written there, and each test checks that the counts did not move (or moved by exactly what it
+published).
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
-from publishkit import PATHS, PublishPath
+from publishkit import PublishPath
 
-from pgoutbox import PublishError, migrations
+from pgoutbox import PublishError
 from pgoutbox.settings import DatabaseSettings
 
 VALID: dict[str, Any] = {
@@ -105,42 +104,19 @@ async def _counts(conn: asyncpg.Connection, schema: str) -> tuple[int, int]:
     return row[0], row[1]
 
 
-@pytest.fixture(scope="module")
-async def shared_settings(database_dsn: str) -> AsyncIterator[DatabaseSettings]:
-    """One migrated schema for the refusal cases of this module."""
-    settings = DatabaseSettings(dsn=database_dsn, schema=f"bad_input_{uuid.uuid4().hex[:10]}")
-    await migrations.upgrade(settings)
-    yield settings
-    conn = await asyncpg.connect(database_dsn)
-    try:
-        await conn.execute(f'DROP SCHEMA "{settings.schema_name}" CASCADE')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture(scope="module", params=PATHS)
-async def shared(
-    request: pytest.FixtureRequest, shared_settings: DatabaseSettings
-) -> AsyncIterator[PublishPath]:
-    """Each way to publish in turn, on the module's schema."""
-    if request.param == "django":
-        request.getfixturevalue("django_database")
-    path = PublishPath(request.param, shared_settings)
-    yield path
-    await path.close()
-
-
 @pytest.fixture
-async def small(publish_path: str, db_settings: DatabaseSettings) -> AsyncIterator[PublishPath]:
+async def small(publisher: PublishPath) -> AsyncIterator[PublishPath]:
     """The test's way to publish, with a payload limit of 100 bytes."""
-    path = PublishPath(publish_path, db_settings.model_copy(update={"max_payload_bytes": 100}))
+    path = PublishPath(
+        publisher.name, publisher.settings.model_copy(update={"max_payload_bytes": 100})
+    )
     yield path
     await path.close()
 
 
 @pytest.mark.parametrize(("argument", "value", "message"), BAD_ARGUMENTS)
 async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothing(
-    shared: PublishPath,
+    publisher: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
     argument: str,
@@ -148,7 +124,7 @@ async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothi
     message: str,
 ) -> None:
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared.transaction() as tx:
+    async with publisher.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
             await tx.publish(**{**VALID, argument: value})
 
@@ -158,7 +134,7 @@ async def test_publish_operation_refuses_bad_argument_naming_it_and_writes_nothi
 
 @pytest.mark.parametrize(("argument", "value", "message"), BAD_ARGUMENTS)
 async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing_of_the_batch(
-    shared: PublishPath,
+    publisher: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
     argument: str,
@@ -167,7 +143,7 @@ async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing
 ) -> None:
     batch = [VALID, {**VALID, "idempotency_key": "fine"}, {**VALID, argument: value}, VALID]
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared.transaction() as tx:
+    async with publisher.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
             await tx.publish_many(batch)
 
@@ -177,8 +153,9 @@ async def test_publish_many_refuses_bad_item_naming_its_index_and_writes_nothing
 
 
 async def test_payload_over_the_configured_limit_is_refused_with_its_size(
-    small: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    small: PublishPath, shared_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
+    before = await _counts(conn, shared_settings.schema_name)
     too_big = {"b": "x" * 92}  # 101 bytes as JSON
     async with small.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
@@ -190,37 +167,39 @@ async def test_payload_over_the_configured_limit_is_refused_with_its_size(
         "payload of 'billing.charge' is 101 bytes as JSON, over the limit of 100"
     )
     assert "database.max_payload_bytes" in str(excinfo.value)
-    assert await _counts(conn, db_settings.schema_name) == (0, 0)
+    assert await _counts(conn, shared_settings.schema_name) == before
 
 
 async def test_payload_size_limit_counts_utf8_bytes(
-    small: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    small: PublishPath, shared_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
+    before = await _counts(conn, shared_settings.schema_name)
     async with small.transaction() as tx:
         with pytest.raises(PublishError, match="is 109 bytes as JSON"):
             await tx.publish("t", {"b": "é" * 50}, "workflow")  # 50 characters
 
-    assert await _counts(conn, db_settings.schema_name) == (0, 0)
+    assert await _counts(conn, shared_settings.schema_name) == before
 
 
 async def test_payload_exactly_at_the_limit_is_accepted(
-    small: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    small: PublishPath, shared_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
+    operations, audit_rows = await _counts(conn, shared_settings.schema_name)
     async with small.transaction() as tx:
         await tx.publish("billing.charge", {"b": "x" * 91}, "workflow")
 
-    assert await _counts(conn, db_settings.schema_name) == (1, 1)
+    assert await _counts(conn, shared_settings.schema_name) == (operations + 1, audit_rows + 1)
 
 
 async def test_backslash_u0000_text_is_not_mistaken_for_a_nul(
-    publisher: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    publisher: PublishPath, shared_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
     path = "C:\\u0000\\dir"  # a backslash followed by "u0000": ordinary text
     async with publisher.transaction() as tx:
         op_id = await tx.publish("files.copy", {"path": path}, "workflow")
 
     stored = await conn.fetchval(
-        f"SELECT payload->>'path' FROM \"{db_settings.schema_name}\".operations WHERE id = $1",
+        f"SELECT payload->>'path' FROM \"{shared_settings.schema_name}\".operations WHERE id = $1",
         op_id,
     )
     assert stored == path
@@ -239,14 +218,14 @@ async def test_backslash_u0000_text_is_not_mistaken_for_a_nul(
     ],
 )
 async def test_publish_many_refuses_unknown_keys_naming_them_and_writes_nothing(
-    shared: PublishPath,
+    publisher: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
     item: dict[str, Any],
     message: str,
 ) -> None:
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared.transaction() as tx:
+    async with publisher.transaction() as tx:
         with pytest.raises(PublishError) as excinfo:
             await tx.publish_many([VALID, item])
 
@@ -255,13 +234,13 @@ async def test_publish_many_refuses_unknown_keys_naming_them_and_writes_nothing(
 
 
 async def test_publish_many_item_without_payload_is_refused(
-    shared: PublishPath,
+    publisher: PublishPath,
     shared_settings: DatabaseSettings,
     conn: asyncpg.Connection,
 ) -> None:
     item = {"operation_type": "billing.charge", "channel": "workflow"}
     before = await _counts(conn, shared_settings.schema_name)
-    async with shared.transaction() as tx:
+    async with publisher.transaction() as tx:
         with pytest.raises(PublishError, match=r"^operations\[0\]: payload is required"):
             await tx.publish_many([item])
 
@@ -269,7 +248,7 @@ async def test_publish_many_item_without_payload_is_refused(
 
 
 async def test_refused_publish_leaves_the_callers_transaction_usable(
-    publisher: PublishPath, db_settings: DatabaseSettings, conn: asyncpg.Connection
+    publisher: PublishPath, shared_settings: DatabaseSettings, conn: asyncpg.Connection
 ) -> None:
     async with publisher.transaction() as tx:
         before = await tx.publish(**VALID)
@@ -279,5 +258,11 @@ async def test_refused_publish_leaves_the_callers_transaction_usable(
             await tx.publish_many([VALID, {**VALID, "channel": "bad;channel"}])
         after = await tx.publish(**VALID)
 
-    rows = await conn.fetch(f'SELECT id FROM "{db_settings.schema_name}".operations ORDER BY id')
+    # Nothing else was committed between the two (the module's tests run one at a time).
+    rows = await conn.fetch(
+        f'SELECT id FROM "{shared_settings.schema_name}".operations '
+        "WHERE id BETWEEN $1 AND $2 ORDER BY id",
+        before,
+        after,
+    )
     assert [r["id"] for r in rows] == [before, after]
