@@ -258,6 +258,14 @@ def public_key_raw(public_key: Any) -> bytes:
     return raw
 
 
+def public_key_pem(public_key: Any) -> bytes:
+    """An Ed25519 public key as PEM (what ``pgoutbox audit keygen`` writes)."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    pem: bytes = public_key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    return pem
+
+
 def check_checkpoint(document: Mapping[str, Any], public_key: Any) -> None:
     """Raise :class:`ProofError` unless ``document`` is a checkpoint signed by ``public_key``."""
     from cryptography.exceptions import InvalidSignature

@@ -3,6 +3,8 @@ and the hostile DBA's edits (triggers off, hashes recomputed, triggers back on).
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
@@ -182,3 +184,32 @@ def named(result: anchor.AnchoredVerification) -> set[tuple[int, int, str]]:
         rule = problem.reason.split("]", 1)[0].lstrip("[")
         found.add((problem.operation_id, problem.seq, rule))
     return found
+
+
+# Run as a script: refuses to import the database stack (or pgoutbox itself), then runs
+# pgoutbox_proof's command line with the arguments given.
+OFFLINE = """\
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"asyncpg", "sqlalchemy", "alembic", "pgoutbox", "psycopg"}:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import pgoutbox_proof
+assert not {"asyncpg", "sqlalchemy", "pgoutbox"} & set(sys.modules)
+sys.exit(pgoutbox_proof.main(sys.argv[1:]))
+"""
+
+
+def offline_check(
+    tmp_path: Path, proof_file: Path, public_key: Path
+) -> subprocess.CompletedProcess[str]:
+    """``python -m pgoutbox_proof`` as an auditor's machine without the database stack runs it."""
+    script = tmp_path / "offline_check.py"
+    script.write_text(OFFLINE)
+    return subprocess.run(
+        [sys.executable, str(script), str(proof_file), "--public-key", str(public_key)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )

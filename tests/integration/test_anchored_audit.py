@@ -7,6 +7,7 @@ the edit breaks the history's meaning (``SEMANTIC`` below is the documented tabl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from anchorkit import (
     a_year_before,
     chain,
     named,
+    offline_check,
     publish,
     rewrite_chain,
     run,
@@ -363,3 +365,24 @@ async def test_as_of_matches_a_live_snapshot(
     assert {o.operation_id for o in refunds.operations} == set(more)
     before = await anchor.as_of(conn, s, datetime(2000, 1, 1, tzinfo=UTC))
     assert before.operations == []
+
+
+async def test_cli_proof_checks_on_a_machine_without_the_database_stack(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = db_settings.schema_name
+    signer = Signer(tmp_path)
+    ids = await shop(conn, s)
+    path = await signer.checkpoint(conn, s)
+    document = anchor.read_checkpoint(path, signer.public)
+    built = await anchor.prove(
+        conn, s, ids["retried"], document, anchor.read_heads(anchor.heads_path_for(path))
+    )
+    (tmp_path / "proof.json").write_text(json.dumps(built))
+    public = tmp_path / "audit.pub"
+    public.write_bytes(proof.public_key_pem(signer.public))
+
+    done = offline_check(tmp_path, tmp_path / "proof.json", public)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"OK: operation {ids['retried']}, audit rows 1 to 5, is covered")
