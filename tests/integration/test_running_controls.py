@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from opkit import audit, operation, publish, wait_for_state, worker_settings
+from sqlalchemy import text
 
 from pgoutbox import (
     DatabaseSessionManager,
@@ -327,3 +328,28 @@ async def test_a_cancel_nobody_answers_stands_and_the_rescuer_honours_it(
     last = (await audit(conn, schema, op_id))[-1]
     assert (last["trigger"], last["actor"]) == ("abort", "carol")
     assert "honoured by" in last["detail"]
+
+
+async def test_a_transactional_handler_past_its_timeout_rolls_back_its_writes(
+    settings: Settings, sm: DatabaseSessionManager, conn: asyncpg.Connection, schema: str
+) -> None:
+    table = f'"{schema}".timeout_writes'
+    await conn.execute(f"CREATE TABLE {table} (attempt int)")
+    router = WorkflowRouter()
+
+    @router.on("tx.slow", transactional=True, timeout=0.5, retry=NO_WAIT, max_attempts=2)
+    async def slow(ctx: HandlerContext, payload: Any) -> None:
+        assert ctx.session is not None
+        await ctx.session.execute(text(f"INSERT INTO {table} VALUES (:n)"), {"n": ctx.attempt})
+        if ctx.attempt == 1:
+            await asyncio.sleep(3600)
+
+    async with WorkflowSystem(router=router, settings=worker_settings(settings)):
+        op_id = await publish(sm, settings, "tx.slow")
+        await wait_for_state(conn, schema, op_id, "succeeded", within=30)
+
+    # The first attempt's write went with its transaction; the second's committed with it.
+    assert [r["attempt"] for r in await conn.fetch(f"SELECT attempt FROM {table}")] == [2]
+    trail = await audit(conn, schema, op_id)
+    assert [r["trigger"] for r in trail] == ["publish", "claim", "fail", "claim", "succeed"]
+    assert "timed out after 0.5 s" in trail[2]["detail"]
