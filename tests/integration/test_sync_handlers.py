@@ -38,9 +38,18 @@ def schema(settings: Settings) -> str:
 
 @pytest.fixture
 async def app(conn: asyncpg.Connection) -> AsyncIterator[str]:
-    """The application's own schema, with an ``orders`` table."""
+    """The application's own schema: ``orders``, and ``children`` whose foreign key to
+    ``parents`` is checked only at commit."""
     name = f"app_{uuid.uuid4().hex[:10]}"
-    await conn.execute(f"CREATE SCHEMA {name}; CREATE TABLE {name}.orders (id int PRIMARY KEY)")
+    await conn.execute(f"""
+        CREATE SCHEMA {name};
+        CREATE TABLE {name}.orders (id int PRIMARY KEY);
+        CREATE TABLE {name}.parents (id int PRIMARY KEY);
+        CREATE TABLE {name}.children (
+            id int PRIMARY KEY,
+            parent_id int NOT NULL REFERENCES {name}.parents (id) DEFERRABLE INITIALLY DEFERRED
+        );
+    """)
     yield name
     await conn.execute(f"DROP SCHEMA {name} CASCADE")
 
@@ -148,7 +157,9 @@ async def test_a_transactional_def_handlers_write_commits_with_the_success(
     assert xid == trail[-1]["xid"]  # the same transaction as the success's audit row
 
 
-@pytest.mark.parametrize("control", ["raise", "commit", "rollback", "close", "begin_nested"])
+@pytest.mark.parametrize(
+    "control", ["raise", "failing commit", "commit", "rollback", "close", "begin_nested"]
+)
 async def test_a_transactional_def_handler_that_fails_keeps_nothing(
     settings: Settings,
     sm: DatabaseSessionManager,
@@ -165,19 +176,25 @@ async def test_a_transactional_def_handler_that_fails_keeps_nothing(
         ctx.session.execute(text(f"INSERT INTO {app}.orders VALUES (1)"))
         if control == "raise":
             raise RuntimeError("out of stock")
+        if control == "failing commit":
+            # Accepted now, refused by the deferred foreign key when pgoutbox commits, after
+            # the success transition was written in the same transaction.
+            ctx.session.execute(text(f"INSERT INTO {app}.children VALUES (1, 404)"))
+            return
         getattr(ctx.session, control)()
 
     async with WorkflowSystem(router=router, settings=settings):
         op_id = await publish(sm, settings, "order.create", {})
         row = await wait_for_state(conn, schema, op_id, "dead")
 
-    expected = (
-        "RuntimeError: out of stock"
-        if control == "raise"
-        else f"SessionControlError: ctx.session.{control}() is not allowed"
-    )
+    expected = {
+        "raise": "RuntimeError: out of stock",
+        "failing commit": "IntegrityError: (psycopg.errors.ForeignKeyViolation)",
+    }.get(control, f"SessionControlError: ctx.session.{control}() is not allowed")
     assert row["last_error"].startswith(expected)
     assert await conn.fetchval(f"SELECT count(*) FROM {app}.orders") == 0
+    assert await conn.fetchval(f"SELECT count(*) FROM {app}.children") == 0
+    assert "succeed" not in [r["trigger"] for r in await audit(conn, schema, op_id)]
 
 
 async def test_a_transactional_def_handler_that_lost_its_lease_keeps_nothing_and_is_rejected(
