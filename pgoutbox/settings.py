@@ -167,6 +167,15 @@ class WorkflowSystemSettings(BaseModel):
         description="snoozes an operation may take before a snooze counts as a failed attempt; "
         "a handler's own max_snoozes= takes precedence",
     )
+    audit_checkpoint_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description="take a signed audit checkpoint every N minutes into audit_checkpoint_dir, "
+        "signed with the key in PGOUTBOX_AUDIT_KEY (docs/audit.md); None: never",
+    )
+    audit_checkpoint_dir: str | None = Field(
+        default=None, description="where the checkpoint service writes (with its heads files)"
+    )
 
     @field_validator("channel")
     @classmethod
@@ -179,6 +188,15 @@ class WorkflowSystemSettings(BaseModel):
             raise ValueError(
                 f"heartbeat_seconds={self.heartbeat_seconds} must be shorter than "
                 f"lease_seconds={self.lease_seconds}, or leases expire between heartbeats"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_audit_checkpoints(self) -> Self:
+        if self.audit_checkpoint_minutes is not None and not self.audit_checkpoint_dir:
+            raise ValueError(
+                "audit_checkpoint_minutes needs audit_checkpoint_dir: the directory the signed "
+                "checkpoints are written to"
             )
         return self
 

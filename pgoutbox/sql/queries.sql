@@ -1200,3 +1200,11 @@ WHERE a.operation_id < :before_operation_id AND a.recorded_at <= :at
   AND (cardinality(CAST(:types AS text[])) = 0 OR a.operation_type = ANY (CAST(:types AS text[])))
 ORDER BY a.operation_id DESC, a.seq DESC
 LIMIT :limit;
+
+-- name: anchor_try_lock
+-- One checkpoint at a time per schema, across workers: a session lock, released right after.
+SELECT pg_try_advisory_lock(hashtext('pgoutbox.checkpoint.' || :schema));
+
+-- name: anchor_unlock
+-- Release anchor_try_lock's lock.
+SELECT pg_advisory_unlock(hashtext('pgoutbox.checkpoint.' || :schema));

@@ -20,6 +20,7 @@ from pgoutbox.db import (
 from pgoutbox.router import RouterError, WorkflowRouter
 from pgoutbox.settings import Settings
 from pgoutbox.sql import queries
+from pgoutbox.worker.checkpoints import CheckpointService, checkpoint_service
 from pgoutbox.worker.dispatcher import Dispatcher
 from pgoutbox.worker.services import Heartbeat, Listener, Rescuer
 from pgoutbox.worker.sync_handlers import SyncHandlers
@@ -57,7 +58,7 @@ class WorkflowSystem:
         fingerprint = worker_key_fingerprint(self._worker_key)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{fingerprint}"
         self._dispatcher: Dispatcher | None = None
-        self._services: list[Heartbeat | Rescuer | Listener] = []
+        self._services: list[Heartbeat | Rescuer | Listener | CheckpointService] = []
         self._engine: AsyncEngine | None = None
         self._sync: SyncHandlers | None = None  # the threads of `def` handlers
 
@@ -69,7 +70,7 @@ class WorkflowSystem:
         return self._dispatcher
 
     @property
-    def services(self) -> dict[str, Heartbeat | Rescuer | Listener]:
+    def services(self) -> dict[str, Heartbeat | Rescuer | Listener | CheckpointService]:
         """The running background services by name."""
         return {service.name: service for service in self._services}
 
@@ -79,6 +80,8 @@ class WorkflowSystem:
         if self._dispatcher is not None:
             raise RuntimeError("WorkflowSystem is already started")
         db, ws = self.settings.database, self.settings.workflow_system
+        # The signing key first: a worker asked for checkpoints without one does not start.
+        make_checkpoints = checkpoint_service(ws) if ws.audit_checkpoint_minutes else None
         if ws.auto_migrate:
             await migrations.upgrade(db)
         else:
@@ -157,6 +160,8 @@ class WorkflowSystem:
                     on_cancel=heartbeat.kick,
                 )
             )
+        if make_checkpoints is not None:
+            self._services.append(make_checkpoints(self._pool, db.schema_name))
         for service in self._services:
             service.start()
         dispatcher.start()

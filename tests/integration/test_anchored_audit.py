@@ -29,8 +29,9 @@ from anchorkit import (
 )
 
 import pgoutbox_proof as proof
-from pgoutbox import anchor
-from pgoutbox.settings import DatabaseSettings
+from pgoutbox import WorkflowRouter, WorkflowSystem, anchor
+from pgoutbox.settings import DatabaseSettings, Settings
+from pgoutbox.worker.checkpoints import CheckpointService
 
 Found = set[tuple[int, int, str]]
 Tampering = Callable[[asyncpg.Connection, str, dict[str, int]], Awaitable[tuple[Found, Found]]]
@@ -386,3 +387,61 @@ async def test_cli_proof_checks_on_a_machine_without_the_database_stack(
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"OK: operation {ids['retried']}, audit rows 1 to 5, is covered")
+
+
+def _router() -> WorkflowRouter:
+    router = WorkflowRouter()
+
+    @router.on("charge")
+    async def charge(ctx: object, payload: object) -> None:
+        return None
+
+    return router
+
+
+async def test_a_worker_takes_checkpoints_on_its_interval(
+    settings: Settings,
+    conn: asyncpg.Connection,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = settings.database.schema_name
+    signer = Signer(tmp_path)
+    private, _ = anchor.generate_key()
+    monkeypatch.setenv("PGOUTBOX_AUDIT_KEY", private.decode())
+    every_hour = settings.model_copy(
+        update={
+            "workflow_system": settings.workflow_system.model_copy(
+                update={
+                    "audit_checkpoint_minutes": 60,
+                    "audit_checkpoint_dir": str(tmp_path / "cp"),
+                }
+            )
+        }
+    )
+    await shop(conn, s)
+    async with WorkflowSystem(router=_router(), settings=every_hour) as system:
+        service = system.services["audit-checkpoint"]
+        assert isinstance(service, CheckpointService)
+        taken = await service.run_once() or next((tmp_path / "cp").glob("checkpoint-*.json"))
+        assert await service.run_once() is None  # one is younger than the interval
+
+    signer.public = anchor.load_private_key(private).public_key()
+    assert (await signer.verify(conn, s, taken)).ok
+    document = anchor.read_checkpoint(taken, signer.public)
+    recorded = await conn.fetchval(f'SELECT root FROM "{s}".audit_checkpoints')
+    assert recorded == bytes.fromhex(document["root"])  # the convenience copy
+
+
+async def test_a_worker_asked_for_checkpoints_without_a_key_does_not_start(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PGOUTBOX_AUDIT_KEY", raising=False)
+    ws = settings.workflow_system.model_copy(
+        update={"audit_checkpoint_minutes": 5, "audit_checkpoint_dir": str(tmp_path)}
+    )
+    system = WorkflowSystem(
+        router=_router(), settings=settings.model_copy(update={"workflow_system": ws})
+    )
+    with pytest.raises(anchor.CheckpointError, match="PGOUTBOX_AUDIT_KEY"):
+        await system.start()

@@ -1,0 +1,97 @@
+"""A worker's audit checkpoint service: a signed checkpoint of the audit log every N minutes
+(``workflow_system.audit_checkpoint_minutes``), written to a directory the user ships somewhere
+the database's owner cannot write (docs/audit.md).
+
+One at a time per schema across workers (a session advisory lock), and a round finds nothing
+to do when the directory already holds a checkpoint younger than the interval (workers sharing
+the directory take turns). The worker's database role must read the audit log: give it the
+auditor's grants too (``pgoutbox db grant --auditor ROLE``), or run ``pgoutbox audit
+checkpoint`` from cron as the auditor instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from pgoutbox import anchor
+from pgoutbox.service import Service
+from pgoutbox.sql import queries
+
+log = logging.getLogger("pgoutbox.worker")
+
+
+class CheckpointService(Service):
+    """Takes a signed audit checkpoint every ``interval`` seconds into ``directory``."""
+
+    name = "audit-checkpoint"
+
+    def __init__(
+        self, pool: asyncpg.Pool, schema: str, key: Any, directory: Path, interval: float
+    ) -> None:
+        super().__init__(interval)
+        self._pool, self._schema, self._key, self._directory = pool, schema, key, directory
+
+    def _recent(self) -> bool:
+        newest = max(
+            (p.stat().st_mtime for p in self._directory.glob("checkpoint-*.json")), default=0.0
+        )
+        return time.time() - newest < self.interval * 0.9
+
+    async def run_once(self) -> Path | None:
+        """Take one checkpoint unless another worker holds the lock or one is recent; its
+        path, or None."""
+        self._directory.mkdir(parents=True, exist_ok=True)
+        if self._recent():
+            return None
+        q = queries(self._schema)
+        async with self._pool.acquire() as conn:
+            if not await q["anchor_try_lock"].fetchval(conn, schema=self._schema):
+                return None
+            try:
+                if self._recent():
+                    return None
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+                path = self._directory / f"checkpoint-{stamp}.json"
+                document = await anchor.take_checkpoint(
+                    conn, self._schema, self._key, anchor.heads_path_for(path)
+                )
+                anchor.write_checkpoint(document, path)
+            except asyncpg.InsufficientPrivilegeError as exc:
+                log.error(
+                    "audit checkpoint: this worker's role may not read the audit log (%s): "
+                    "grant it with `pgoutbox db grant --auditor ROLE`",
+                    exc,
+                )
+                return None
+            finally:
+                await q["anchor_unlock"].fetchval(conn, schema=self._schema)
+        log.info(
+            "audit checkpoint %s: %d operations, %d rows, root %s",
+            path.name,
+            document["size"],
+            document["rows"],
+            document["root"],
+        )
+        return path
+
+
+def checkpoint_service(settings: Any) -> Callable[[asyncpg.Pool, str], CheckpointService]:
+    """What builds the service ``settings`` (a
+    :class:`~pgoutbox.settings.WorkflowSystemSettings` with ``audit_checkpoint_minutes`` set)
+    asks for, its key read now from ``PGOUTBOX_AUDIT_KEY``: a missing or bad key fails the
+    worker's start, naming the variable, before anything is opened."""
+    key = anchor.private_key_from(None)
+    directory = Path(settings.audit_checkpoint_dir)
+    interval = settings.audit_checkpoint_minutes * 60
+
+    def build(pool: asyncpg.Pool, schema: str) -> CheckpointService:
+        return CheckpointService(pool, schema, key, directory, interval)
+
+    return build
