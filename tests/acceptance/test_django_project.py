@@ -133,3 +133,22 @@ def test_a_django_project_publishes_in_its_views_and_handles_with_its_worker(
             ("cy@example.com", "paid", True),
             *([("task@example.com", "from-task", False)] if tasks else []),
         ]
+
+
+@pytest.mark.parametrize("command", ["pgoutbox_upgrade", "pgoutbox_worker"])
+def test_a_management_command_names_the_database_it_cannot_reach(command: str) -> None:
+    # Port 1 on the loopback: nothing listens there, the connection is refused at once.
+    result = subprocess.run(
+        [sys.executable, "manage.py", command],
+        cwd=PROJECT,
+        env={**os.environ, "SHOP_DSN": "postgresql://shop@127.0.0.1:1/shop"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(
+        "CommandError: cannot use PostgreSQL at 127.0.0.1:1 (database shop, user shop) "
+        "(DATABASES['default']): ConnectionRefusedError"
+    )
+    assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ SECRET_KEY = "tests-only"
 DEBUG = False
 ALLOWED_HOSTS = ["localhost", "127.0.0.1", "testserver"]
 USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 ROOT_URLCONF = "shop.urls"
 INSTALLED_APPS = ["pgoutbox.contrib.django", "shop"]
 DATABASES = {

@@ -19,10 +19,12 @@ from typing import Any
 
 from django.conf import settings as django_settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import CommandError
 from django.core.signals import setting_changed
 from pydantic import ValidationError
 
-from pgoutbox.settings import Settings
+from pgoutbox.cli_errors import describe
+from pgoutbox.settings import DatabaseSettings, Settings
 
 _KEYS = frozenset({"DATABASE", "SCHEMA", "ROUTER", "WORKFLOW_SYSTEM", "MAX_PAYLOAD_BYTES"})
 
@@ -83,6 +85,15 @@ def pgoutbox_settings() -> Settings:
         raise ImproperlyConfigured(
             f"invalid pgoutbox settings (PGOUTBOX, DATABASES): {exc}"
         ) from None
+
+
+def database_problem(exc: BaseException, db: DatabaseSettings) -> CommandError:
+    """A management command's one-line error for a database it could not reach or use."""
+    alias = pgoutbox_options().get("DATABASE", "default")
+    return CommandError(
+        f"cannot use PostgreSQL at {describe(db)} (DATABASES[{alias!r}]): "
+        f"{type(exc).__name__}: {exc}"
+    )
 
 
 def _forget(*, setting: str, **_: Any) -> None:

@@ -8,7 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from pgoutbox import migrations
-from pgoutbox.contrib.django.conf import pgoutbox_settings
+from pgoutbox.cli_errors import DATABASE_ERRORS
+from pgoutbox.contrib.django.conf import database_problem, pgoutbox_settings
 
 
 class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type information
@@ -22,9 +23,12 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
 
     def handle(self, *args: Any, **options: Any) -> None:
         db = pgoutbox_settings().database
-        before = asyncio.run(migrations.current(db))
-        asyncio.run(migrations.upgrade(db, options["revision"]))
-        after = asyncio.run(migrations.current(db))
+        try:
+            before = asyncio.run(migrations.current(db))
+            asyncio.run(migrations.upgrade(db, options["revision"]))
+            after = asyncio.run(migrations.current(db))
+        except DATABASE_ERRORS as exc:
+            raise database_problem(exc, db) from exc
         if before == after:
             self.stdout.write(f"schema {db.schema_name!r} already at revision {after}")
         else:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import click
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pgoutbox.cli import _run, _serve, _StopRequest
-from pgoutbox.contrib.django.conf import pgoutbox_options, pgoutbox_settings
+from pgoutbox.contrib.django.conf import database_problem, pgoutbox_options, pgoutbox_settings
 from pgoutbox.router import WorkflowRouter
 from pgoutbox.worker import WorkflowSystem
 
@@ -46,7 +47,13 @@ class Command(BaseCommand):  # type: ignore[misc]  # Django ships no type inform
             router.include_router(tasks_router())
         config = pgoutbox_settings()
         system = WorkflowSystem(router=router, settings=config)
-        _run(_serve(system, requested), settings=config.database, fast_loop=True)
+        try:
+            _run(_serve(system, requested), settings=config.database, fast_loop=True)
+        except click.ClickException as exc:  # the database could not be reached or used
+            cause = exc.__cause__
+            if cause is not None:
+                raise database_problem(cause, config.database) from cause
+            raise CommandError(exc.format_message()) from exc
 
 
 def _load_router(path: str) -> WorkflowRouter:
