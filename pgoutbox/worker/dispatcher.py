@@ -498,7 +498,13 @@ class Dispatcher:
         op.task = asyncio.current_task()
         try:
             async with asyncio.timeout(timeout):
-                return await self._execute(op)
+                outcome = await self._execute(op)
+            if op.abort is not None and op.task is not None:
+                # Asked to stop, it finished anyway (it caught the CancelledError abort() sent
+                # and returned): its real outcome stands, and the cancel is counted off this
+                # loop's task, or the loop would take the next operation's cancel for stop()'s.
+                op.task.uncancel()
+            return outcome
         except TimeoutError:
             # Only the timeout's own expiry gets here: _run turns a handler's TimeoutError
             # into its outcome.

@@ -277,12 +277,25 @@ async def test_a_handler_that_finishes_first_keeps_its_outcome_and_the_cancel_is
         except asyncio.CancelledError:
             return  # swallows the cancel: it finished, and that is what is recorded
 
-    async with WorkflowSystem(router=router, settings=worker_settings(settings)):
+    plain_started = asyncio.Event()
+
+    @router.on("plain.job")
+    async def plain(ctx: HandlerContext, payload: Any) -> None:
+        plain_started.set()
+        await asyncio.sleep(3600)
+
+    # One work loop: the cancel it swallowed must not linger in it and hit the next operation.
+    async with WorkflowSystem(router=router, settings=worker_settings(settings, n_workers=1)):
         op_id = await publish(sm, settings, "stubborn.job")
         await asyncio.wait_for(started.wait(), 20)
         async with Admin(settings.database) as admin:
             (result,) = await admin.cancel([op_id], actor="bob", wait_seconds=30)
+        second = await publish(sm, settings, "plain.job")
+        await asyncio.wait_for(plain_started.wait(), 20)
+        async with Admin(settings.database) as admin:
+            (second_result,) = await admin.cancel([second], actor="bob", wait_seconds=30)
 
+    assert second_result.ok, second_result.message
     assert not result.ok
     assert "finished first (succeed -> succeeded)" in result.message
     assert (await operation(conn, schema, op_id))["state"] == "succeeded"
