@@ -1157,15 +1157,15 @@ SELECT operation_type, lifecycle FROM {s}.lifecycle_types;
 SELECT id, finished_before, include_dead, deleted, started_at FROM {s}.purges ORDER BY id;
 
 -- name: anchor_audit_page
--- What verification against a checkpoint reads: audit_log_page's rows with each operation's
--- recorded intent and lifecycle.
+-- What verification against a checkpoint reads: audit_log_page's rows, seq 1 of each with the
+-- operation row's head, state, recorded intent and lifecycle (the walk reads them there only).
 SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
        a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
        o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
        o.state AS current_state, o.lifecycle, o.channel, CAST(o.payload AS text) AS payload,
        o.idempotency_key, o.created_by, o.created_at, o.operation_type AS current_type
 FROM {s}.audit_log a
-LEFT JOIN {s}.operations o ON o.id = a.operation_id
+LEFT JOIN {s}.operations o ON o.id = a.operation_id AND a.seq = 1
 WHERE (a.operation_id, a.seq) > (:after_operation_id, :after_seq)
 ORDER BY a.operation_id, a.seq
 LIMIT :limit;
