@@ -47,7 +47,7 @@ from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
 
 FINALS = ("succeeded", "dead", "cancelled")
-TRIGGERS = ("go", "next", "approve", "finish", "hold", "resume", "abort")
+TRIGGERS = ("go", "next", "approve", "finish", "hold", "resume", "halt")
 OPERATION_TYPE = "prop.op"
 ACTOR = "prop"
 
