@@ -497,8 +497,11 @@ class Dispatcher:
         timeout = op.spec.timeout_seconds or self._settings.handler_timeout_seconds
         op.task = asyncio.current_task()
         try:
-            async with asyncio.timeout(timeout):
+            if timeout is None:  # the usual case: asyncio.timeout(None) costs ~3 us an attempt
                 outcome = await self._execute(op)
+            else:
+                async with asyncio.timeout(timeout):
+                    outcome = await self._execute(op)
             if op.abort is not None and op.task is not None:
                 # Asked to stop, it finished anyway (it caught the CancelledError abort() sent
                 # and returned): its real outcome stands, and the cancel is counted off this
