@@ -149,7 +149,7 @@ class SyncTarget(Protocol):
         """A savepoint around a block: released on success, rolled back to on an exception."""
 
 
-def settings_schema(settings: DatabaseSettings | None) -> tuple[str, int]:
+def schema_and_limit(settings: DatabaseSettings | None) -> tuple[str, int]:
     """The schema and payload limit of ``settings``, or the defaults."""
     if settings is None:
         return "pgoutbox", DEFAULT_MAX_PAYLOAD_BYTES
@@ -202,20 +202,20 @@ def sync_target(session: Any) -> SyncTarget:
 
     if isinstance(session, Session):
         found = session.info.get(SESSION_SETTINGS_KEY)
-        schema, limit = settings_schema(found if isinstance(found, DatabaseSettings) else None)
+        schema, limit = schema_and_limit(found if isinstance(found, DatabaseSettings) else None)
         return _SessionTarget(session, schema, limit)
     if "django" in sys.modules and type(session).__module__.startswith("django."):
         from pgoutbox.contrib.django.publishing import django_connection
 
         raw, settings = django_connection(session)
-        schema, limit = settings_schema(settings)
+        schema, limit = schema_and_limit(settings)
         return _PsycopgTarget(raw, schema, limit, queries(schema))
     if "psycopg" in sys.modules:
         import psycopg
 
         if isinstance(session, psycopg.Connection):
             check_psycopg_transaction(session)
-            schema, limit = settings_schema(_BOUND.get(session))
+            schema, limit = schema_and_limit(_BOUND.get(session))
             return _PsycopgTarget(session, schema, limit, queries(schema))
     raise PublishError(
         f"cannot publish on {type(session).__module__}.{type(session).__qualname__}: pass an "
