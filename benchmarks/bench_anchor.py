@@ -1,6 +1,7 @@
 """Anchored audit: what a signed checkpoint and a verification against it cost, by log size.
 
     python benchmarks/bench_anchor.py [--rows 1000000] [--rows 10000000]
+    python benchmarks/bench_anchor.py --publish-cost [--n 20000] [--rounds 3]
 
 For each size, a fresh schema is filled with finished operations of three audit rows each
 (``bench_history.fill``: publish, claim, succeed, every hash the schema's own), then timed:
@@ -14,6 +15,11 @@ For each size, a fresh schema is filled with finished operations of three audit 
 Each is also measured for the peak resident memory it adds to the process (Linux: the
 high-water mark is reset before each phase through /proc/self/clear_refs): constant memory
 means this stays flat as the log grows.
+
+``--publish-cost`` measures what revision 0013's hash of the intent in seq 1 costs publishing:
+one schema at 0012_running_controls and one at head, in the same run, alternating rounds (A B A
+B), ``n`` operations published in batches and ``n / 10`` one per transaction; the ratio is
+head / 0012 throughput.
 """
 
 from __future__ import annotations
@@ -29,12 +35,13 @@ from typing import Any
 
 import asyncpg
 from _common import bench_database, bench_dsn
+from bench_drain import publish
 from bench_history import fill
 
-from pgoutbox import anchor
+from pgoutbox import DatabaseSessionManager, anchor, migrations, publish_operation
 from pgoutbox.audit import verify_audit
 
-CHANNEL = "bench-anchor"
+CHANNEL = "bench_anchor"
 
 
 def _rss_mib(field: str) -> float:
@@ -98,10 +105,57 @@ async def one_size(rows: int) -> dict[str, float]:
     }
 
 
+async def _one_by_one(db: Any, n: int) -> None:
+    sm = DatabaseSessionManager(db)
+    try:
+        for i in range(n):
+            async with sm.session() as session:
+                await publish_operation(session, "bench.noop", {"i": i}, CHANNEL)
+                await session.commit()
+    finally:
+        await sm.close()
+
+
+async def publish_cost(n: int, rounds: int) -> None:
+    async with bench_database() as head, bench_database() as before:
+        # bench_database migrated both to head: take one back to the revision before this one.
+        from _common import bench_dsn as _dsn
+
+        conn = await asyncpg.connect(_dsn())
+        await conn.execute(f'DROP SCHEMA "{before.schema_name}" CASCADE')
+        await conn.close()
+        await migrations.upgrade(before, "0012_running_controls")
+        results: dict[str, dict[str, list[float]]] = {
+            "0012": {"batch": [], "single": []},
+            "head": {"batch": [], "single": []},
+        }
+        for _ in range(rounds):
+            for name, db in (("0012", before), ("head", head)):
+                start = time.perf_counter()
+                await publish(db, n, CHANNEL)
+                results[name]["batch"].append(n / (time.perf_counter() - start))
+                start = time.perf_counter()
+                await _one_by_one(db, n // 10)
+                results[name]["single"].append(n / 10 / (time.perf_counter() - start))
+    for kind in ("batch", "single"):
+        old = sorted(results["0012"][kind])[rounds // 2]
+        new = sorted(results["head"][kind])[rounds // 2]
+        print(
+            f"publish ({kind:6}): 0012 {old:>8,.0f} ops/s  head {new:>8,.0f} ops/s  "
+            f"ratio {new / old:.2f}"
+        )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, action="append", help="audit rows (repeatable)")
+    parser.add_argument("--publish-cost", action="store_true")
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.publish_cost:
+        await publish_cost(args.n, args.rounds)
+        return
     for rows in args.rows or [1_000_000]:
         r = await one_size(rows)
         print(

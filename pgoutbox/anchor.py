@@ -680,6 +680,17 @@ class Walker:
         (every row carries it), the creator (seq 1's actor) and the creation time."""
         if "current_type" not in first:
             return
+        if first.get("intent_hash") is not None and first.get("payload") is not None:
+            intent_now = _intent_of({**first, "operation_type": first["current_type"]})
+            if intent_now != bytes(first["intent_hash"]):
+                self.problem(
+                    op_id,
+                    1,
+                    "intent",
+                    "the operation row's recorded intent (type, channel, lifecycle, payload, "
+                    "idempotency key, creator or creation time) is not what its publication "
+                    "(seq 1) hashed",
+                )
         recorded = (first["operation_type"], first["actor"], first["recorded_at"])
         current = (first["current_type"], first["created_by"], first["created_at"])
         names = ("type", "creator", "creation time")
@@ -901,6 +912,7 @@ async def prove(
                 "recorded_at_us": proof.micros(r["recorded_at"]),
                 "prev_hash": None if r["prev_hash"] is None else bytes(r["prev_hash"]).hex(),
                 "hash": bytes(r["hash"]).hex(),
+                "intent_hash": None if r["intent_hash"] is None else bytes(r["intent_hash"]).hex(),
             }
             for r in rows
         ],

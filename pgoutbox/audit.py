@@ -19,14 +19,14 @@ little once the trigger that builds it has been switched to origin-only or repla
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+import pgoutbox_proof as proof
 from pgoutbox.db import create_pool
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
@@ -34,7 +34,6 @@ from pgoutbox.sql import queries
 if TYPE_CHECKING:
     from pgoutbox.integrity import IntegrityProblem
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PAGE = 5000
 
 
@@ -50,50 +49,36 @@ def canonical_encoding(
     detail: str | None,
     recorded_at: datetime,
     db_role: str | None = None,
+    intent_hash: bytes | None = None,
 ) -> bytes:
     """The bytes an audit row's hash covers (after its ``prev_hash``).
 
     ``db_role`` (the database role that made the change) is appended when present: rows written
-    before revision 0010 have none, and their hashes cover exactly what they did then.
+    before revision 0010 have none, and their hashes cover exactly what they did then. So is
+    ``intent_hash`` (seq 1 from revision 0013 on). One implementation, shared with the offline
+    checker: :func:`pgoutbox_proof.canonical_encoding`.
     """
-
-    def field(value: str | None) -> str:
-        return "~|" if value is None else f"{len(value)}:{value}|"
-
-    micros = (recorded_at - _EPOCH) // timedelta(microseconds=1)
-    return "".join(
-        [
-            field(str(operation_id)),
-            field(str(seq)),
-            field(operation_type),
-            field(from_state),
-            field(to_state),
-            field(trigger),
-            field(str(attempt)),
-            field(actor),
-            field(detail),
-            f"{micros}|",
-            "" if db_role is None else field(db_role),
-        ]
-    ).encode()
+    return proof.canonical_encoding(
+        {
+            "operation_id": operation_id,
+            "seq": seq,
+            "operation_type": operation_type,
+            "from_state": from_state,
+            "to_state": to_state,
+            "trigger": trigger,
+            "attempt": attempt,
+            "actor": actor,
+            "detail": detail,
+            "recorded_at": recorded_at,
+            "db_role": db_role,
+            "intent_hash": intent_hash,
+        }
+    )
 
 
 def row_hash(prev_hash: bytes | None, row: dict[str, Any]) -> bytes:
     """The hash an audit row must carry, given its fields and its predecessor's hash."""
-    encoded = canonical_encoding(
-        row["operation_id"],
-        row["seq"],
-        row["operation_type"],
-        row["from_state"],
-        row["to_state"],
-        row["trigger"],
-        row["attempt"],
-        row["actor"],
-        row["detail"],
-        row["recorded_at"],
-        row["db_role"],
-    )
-    return hashlib.sha256((prev_hash or b"") + encoded).digest()
+    return proof.row_hash(prev_hash, row)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ live in the migrations. Usage::
 ``<schema>.audit_log`` -- append-only, one row per state change including creation:
     ``operation_id``, ``seq`` (1, 2, 3... per operation; the primary key with ``operation_id``),
     ``operation_type``, ``from_state`` (NULL on creation), ``to_state``, ``trigger``, ``attempt``,
-    ``actor``, ``detail``, ``recorded_at`` (DB clock), ``prev_hash``, ``hash``.
+    ``actor``, ``detail``, ``recorded_at`` (DB clock), ``prev_hash``, ``hash``, ``db_role``,
+    ``intent_hash`` (seq 1: the recorded intent's sha256).
 
 ``<schema>.lifecycle_transitions`` -- the allowed state changes per lifecycle:
     ``lifecycle``, ``from_state``, ``trigger``, ``to_state``.
@@ -304,6 +305,13 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             nullable=True,
             comment="The database role that made the change (authenticated; part of the hash). "
             "NULL only on rows written before revision 0010.",
+        ),
+        Column(
+            "intent_hash",
+            BYTEA,
+            nullable=True,
+            comment="seq 1 (from revision 0013): sha256 of the operation's recorded intent; "
+            "covered by the row's hash.",
         ),
         PrimaryKeyConstraint("operation_id", "seq", name="audit_log_pkey"),
         comment="Append-only: one row per state change, written by trigger, sha256-chained per "

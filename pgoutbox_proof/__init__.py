@@ -57,9 +57,13 @@ def canonical_encoding(row: Mapping[str, Any]) -> bytes:
     ``<length>:<value>|`` (NULL ``~|``) in the order operation_id, seq, operation_type,
     from_state, to_state, trigger, attempt, actor, detail, then ``recorded_at`` in microseconds
     since the epoch and ``|``, then ``db_role`` when the row has one (rows written before
-    revision 0010 have none). ``recorded_at`` is a datetime, or ``recorded_at_us`` an int."""
+    revision 0010 have none), then the hex of ``intent_hash`` when it has one (seq 1 from
+    revision 0013 on). ``recorded_at`` is a datetime, or ``recorded_at_us`` an int."""
     at = row["recorded_at_us"] if "recorded_at_us" in row else micros(row["recorded_at"])
     db_role = row.get("db_role")
+    intent = row.get("intent_hash")
+    if isinstance(intent, bytes | bytearray | memoryview):
+        intent = bytes(intent).hex()
     return "".join(
         [
             field(str(row["operation_id"])),
@@ -73,6 +77,7 @@ def canonical_encoding(row: Mapping[str, Any]) -> bytes:
             field(row["detail"]),
             f"{at}|",
             "" if db_role is None else field(db_role),
+            "" if intent is None else field(intent),
         ]
     ).encode()
 

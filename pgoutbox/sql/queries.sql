@@ -464,7 +464,7 @@ DELETE FROM {s}.workers WHERE id = :worker_id;
 -- The audit chains in (operation_id, seq) order, after a keyset position, with each
 -- operation's recorded chain head.
 SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
-       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
+       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash, a.intent_hash,
        o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
        o.state AS current_state
 FROM {s}.audit_log a
@@ -890,7 +890,7 @@ SELECT operation_type, lifecycle FROM {s}.lifecycle_types ORDER BY operation_typ
 -- One operation's audit chain with its recorded head, as audit_log_page gives it for every
 -- operation: what the operation page verifies.
 SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
-       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
+       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash, a.intent_hash,
        o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
        o.state AS current_state
 FROM {s}.audit_log a
@@ -1160,7 +1160,7 @@ SELECT id, finished_before, include_dead, deleted, started_at FROM {s}.purges OR
 -- What verification against a checkpoint reads: audit_log_page's rows, seq 1 of each with the
 -- operation row's head, state, recorded intent and lifecycle (the walk reads them there only).
 SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trigger, a.attempt,
-       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash,
+       a.actor, a.db_role, a.detail, a.recorded_at, a.prev_hash, a.hash, a.intent_hash,
        o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
        o.state AS current_state, o.lifecycle, o.channel, CAST(o.payload AS text) AS payload,
        o.idempotency_key, o.created_by, o.created_at, o.operation_type AS current_type
@@ -1184,7 +1184,7 @@ ORDER BY taken_at DESC, id DESC LIMIT 1;
 -- name: anchor_operation_rows
 -- One operation's audit rows up to a seq, in order (what a proof carries).
 SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, db_role,
-       detail, recorded_at, prev_hash, hash
+       detail, recorded_at, prev_hash, hash, intent_hash
 FROM {s}.audit_log
 WHERE operation_id = :operation_id AND seq <= :seq
 ORDER BY seq;

@@ -145,8 +145,9 @@ async def rewrite_chain(
         row["hash"] = proof.row_hash(prev, row)
         await conn.execute(
             f'INSERT INTO "{s}".audit_log (operation_id, seq, operation_type, from_state, to_state,'
-            " trigger, attempt, actor, detail, recorded_at, prev_hash, hash, db_role) VALUES"
-            " ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+            " trigger, attempt, actor, detail, recorded_at, prev_hash, hash, db_role, intent_hash)"
+            " VALUES"
+            " ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             op_id,
             seq,
             row["operation_type"],
@@ -160,6 +161,7 @@ async def rewrite_chain(
             prev,
             row["hash"],
             row["db_role"],
+            row.get("intent_hash"),
         )
         prev = row["hash"]
     if rows:

@@ -159,7 +159,7 @@ async def change_payload(
 ) -> tuple[Found, Found]:
     op = ids["succeeded"]
     await _edit_operation(conn, s, op, """payload = '{"amount": 999}'""")
-    return {(op, 1, "intent")}, set()  # seq 1 records no hash of the payload (not done)
+    return {(op, 1, "intent")}, {(op, 1, "intent")}  # seq 1 hashed the intent
 
 
 @tampering
@@ -168,7 +168,7 @@ async def change_idempotency_key(
 ) -> tuple[Found, Found]:
     op = ids["succeeded"]
     await _edit_operation(conn, s, op, "idempotency_key = 'another'")
-    return {(op, 1, "intent")}, set()
+    return {(op, 1, "intent")}, {(op, 1, "intent")}
 
 
 @tampering
