@@ -242,6 +242,9 @@ async def test_only_an_operator_requests_a_cancel_once_per_attempt_and_only_of_r
     await refused(
         conn, roles, request_cancel(operator, roles, op, "bob"), "requested already, by alice"
     )
+    # The very same request written again changes nothing: not even its time.
+    await request_cancel(operator, roles, op, "alice")
+    assert (await op_row(conn, roles, op))["cancel_requested_at"] == row["cancel_requested_at"]
 
 
 # -- snooze ---------------------------------------------------------------------------------------
@@ -348,7 +351,7 @@ async def test_random_claims_snoozes_failures_and_cancels_keep_the_arithmetic_an
 ) -> None:
     op = await publish(roles)
     m = Model()
-    for name, index in actions:
+    for step, (name, index) in enumerate(actions):
         me = workers[index]
         holds = m.holder == index
         running = m.state == "claimed"
@@ -365,7 +368,9 @@ async def test_random_claims_snoozes_failures_and_cancels_keep_the_arithmetic_an
             statement = me.end(op, "succeed", "succeeded")
             allowed = running and holds
         elif name == "request":
-            statement = request_cancel(operator, roles, op, "alice")
+            # A different operator each time: writing the very same request again changes
+            # nothing, so no trigger runs and there is nothing to refuse.
+            statement = request_cancel(operator, roles, op, f"operator-{step}")
             allowed = running and m.requested_at_version != m.version
         else:
             statement = me.abort(op)
