@@ -30,7 +30,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 import pgoutbox_proof as proof
 from pgoutbox import anchor
-from pgoutbox.cli_errors import DATABASE_ERRORS, CliError, database_error
+from pgoutbox.cli_errors import DATABASE_ERRORS, CliError, Refused, database_error
 from pgoutbox.db import create_pool
 from pgoutbox.settings import DatabaseSettings
 
@@ -43,7 +43,7 @@ class _HasDatabase(Protocol):
 
 def _run(obj: _HasDatabase, action: Callable[[asyncpg.Connection, str], Awaitable[T]]) -> T:
     """Run ``action(conn, schema)`` on one connection; a database that cannot be reached or
-    used exits 2 naming the server, a bad checkpoint or key exits 1 naming it."""
+    used exits 2 naming the server, a checkpoint that does not check exits 1 naming it."""
     import asyncio
 
     settings = obj.database()
@@ -59,7 +59,7 @@ def _run(obj: _HasDatabase, action: Callable[[asyncpg.Connection, str], Awaitabl
     try:
         return asyncio.run(go())
     except anchor.CheckpointError as exc:
-        raise CliError(str(exc)) from None
+        raise Refused(str(exc)) from None
     except DATABASE_ERRORS as exc:
         raise database_error(exc, settings) from exc
 
@@ -181,7 +181,7 @@ def verify_against(
         )
         head_stream = anchor.read_heads(heads_path)
     except anchor.CheckpointError as exc:
-        raise CliError(str(exc)) from None
+        raise Refused(str(exc)) from None  # the check failed: exit 1, as a broken chain does
     bar, advance = _progress("verifying audit chains")
 
     async def walk(conn: asyncpg.Connection, schema: str) -> anchor.AnchoredVerification:
@@ -236,6 +236,8 @@ def prove(
             Path(heads) if heads else Path(checkpoint_file).with_name(document["heads_file"])
         )
         head_stream = anchor.read_heads(heads_path)
+    except anchor.CheckpointError as exc:
+        raise Refused(str(exc)) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CliError(f"cannot read the checkpoint {checkpoint_file!r}: {exc}") from None
 
