@@ -86,12 +86,9 @@ async def limited(n: int, rate: int, workers: int) -> None:
                 n,
             )
             budget = n / rate * 1.5 + 30
+            command = [sys.executable, __file__, "_worker", db.dsn or "", db.schema_name]
             procs = [
-                subprocess.Popen(
-                    [sys.executable, __file__, "_worker", db.dsn or "", db.schema_name,
-                     f"{rate}/s", str(budget)],
-                    cwd=HERE,
-                )  # fmt: skip
+                await asyncio.create_subprocess_exec(*command, f"{rate}/s", str(budget), cwd=HERE)
                 for _ in range(workers)
             ]
             deadline = time.monotonic() + budget
@@ -106,7 +103,7 @@ async def limited(n: int, rate: int, workers: int) -> None:
             for proc in procs:
                 proc.terminate()
             for proc in procs:
-                proc.wait(60)
+                await proc.wait()
             first, last, claims = await conn.fetchrow(
                 "SELECT extract(epoch FROM min(recorded_at)), extract(epoch FROM max(recorded_at)),"
                 " count(*)"

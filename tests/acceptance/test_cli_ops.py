@@ -685,7 +685,10 @@ async def test_stats_table_and_json(cli: Cli, ids: dict[str, int]) -> None:
     assert "email.send_receipt" in table.stdout
     assert "2 of 3 finished attempts failed (66.7%)" in table.stdout
     assert f"oldest pending: operation {ids['pending']}" in table.stdout
-    assert set(data) == {"generated_at", "since", "total", "by_type", "oldest_pending_id"}
+    assert set(data) == {
+        "generated_at", "since", "total", "by_type", "oldest_pending_id", "pauses",
+    }  # fmt: skip
+    assert data["pauses"] == []
     assert data["total"]["counts"] == {
         "pending": 1,
         "claimed": 1,
