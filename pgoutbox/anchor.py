@@ -62,8 +62,16 @@ class CheckpointError(ValueError):
 # -- keys --------------------------------------------------------------------------------------
 
 
+def _require_cryptography() -> None:
+    try:
+        proof.require_cryptography()
+    except proof.ProofError as exc:
+        raise CheckpointError(str(exc)) from None
+
+
 def generate_key() -> tuple[bytes, bytes]:
     """A new Ed25519 key pair as (private PEM, public PEM)."""
+    _require_cryptography()
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import (
         Encoding,
@@ -81,6 +89,7 @@ def generate_key() -> tuple[bytes, bytes]:
 def load_private_key(data: str | bytes) -> Any:
     """An Ed25519 private key from PEM (``pgoutbox audit keygen``) or the base64 of its 32 raw
     bytes."""
+    _require_cryptography()
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 

@@ -101,7 +101,10 @@ def keygen(prefix: str) -> None:
     for path in (private_path, public_path):
         if path.exists():
             raise CliError(f"{str(path)!r} exists already: choose another PREFIX (nothing written)")
-    private, public = anchor.generate_key()
+    try:
+        private, public = anchor.generate_key()
+    except anchor.CheckpointError as exc:
+        raise CliError(str(exc)) from None
     try:
         private_path.touch(mode=0o600)
         private_path.write_bytes(private)

@@ -236,9 +236,21 @@ def key_id(public_key_raw: bytes) -> str:
     return hashlib.sha256(public_key_raw).hexdigest()[:16]
 
 
+def require_cryptography() -> None:
+    """Raise :class:`ProofError` saying what to install when ``cryptography`` is missing."""
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        raise ProofError(
+            "signing and checking checkpoints needs the cryptography package: "
+            "pip install 'pgoutbox[audit]' (or pip install cryptography)"
+        ) from None
+
+
 def load_public_key(text: str | bytes) -> Any:
     """An Ed25519 public key from PEM (what ``pgoutbox audit keygen`` writes) or from the
     base64 of its 32 raw bytes."""
+    require_cryptography()
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -273,6 +285,7 @@ def public_key_pem(public_key: Any) -> bytes:
 
 def check_checkpoint(document: Mapping[str, Any], public_key: Any) -> None:
     """Raise :class:`ProofError` unless ``document`` is a checkpoint signed by ``public_key``."""
+    require_cryptography()
     from cryptography.exceptions import InvalidSignature
 
     if document.get("format") != CHECKPOINT_FORMAT:
