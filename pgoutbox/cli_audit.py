@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -170,21 +170,25 @@ def checkpoint(obj: _HasDatabase, key_path: str | None, output: str, no_record: 
 def verify_against(
     obj: _HasDatabase, checkpoint_file: str | None, public_key: str | None, heads: str | None
 ) -> None:
-    """``audit verify --checkpoint FILE --public-key KEY``: exit 1 with one FAILED line per
-    problem (operation, seq, rule), else one OK line."""
-    if checkpoint_file is None or public_key is None:
+    """``audit verify --checkpoint FILE --public-key KEY`` (or ``--rules`` alone, without a
+    checkpoint): exit 1 with one FAILED line per problem (operation, seq, rule), else one OK
+    line."""
+    if (checkpoint_file is None) != (public_key is None):
         raise click.UsageError("--checkpoint FILE and --public-key KEY go together")
-    key = _public_key(public_key)
-    try:
-        document = anchor.read_checkpoint(Path(checkpoint_file), key)
-        heads_path = (
-            Path(heads)
-            if heads
-            else Path(checkpoint_file).with_name(str(document.get("heads_file", "")))
-        )
-        head_stream = anchor.read_heads(heads_path)
-    except anchor.CheckpointError as exc:
-        raise Refused(str(exc)) from None  # the check failed: exit 1, as a broken chain does
+    document: dict[str, Any] | None = None
+    head_stream: Iterator[anchor.Head] | None = None
+    if checkpoint_file is not None and public_key is not None:
+        key = _public_key(public_key)
+        try:
+            document = anchor.read_checkpoint(Path(checkpoint_file), key)
+            heads_path = (
+                Path(heads)
+                if heads
+                else Path(checkpoint_file).with_name(str(document.get("heads_file", "")))
+            )
+            head_stream = anchor.read_heads(heads_path)
+        except anchor.CheckpointError as exc:
+            raise Refused(str(exc)) from None  # the check failed: exit 1, as a broken chain does
     bar, advance = _progress("verifying audit chains")
 
     async def walk(conn: asyncpg.Connection, schema: str) -> anchor.AnchoredVerification:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import asyncpg
 import pytest
 from clikit import run_pgoutbox
 
@@ -91,3 +92,36 @@ async def test_bad_keys_checkpoints_proofs_and_times_are_named(
     code, _, err = await run("audit", "as-of", "yesterday-ish")
     assert code == 2
     assert "'yesterday-ish' is not an ISO-8601 time: write e.g. 2026-11-30T12:00Z" in err
+
+
+async def test_verify_rules_checks_meaning_without_a_checkpoint(
+    tmp_path: Path, database_dsn: str, db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    s = db_settings.schema_name
+    op = await conn.fetchval(
+        f'INSERT INTO "{s}".operations (operation_type, channel, payload) '
+        "VALUES ('charge', 'workflow', '{}') RETURNING id"
+    )
+    code, out, err = await _pgoutbox(tmp_path, database_dsn, s, "audit", "verify", "--rules")
+    assert (code, out, err) == (0, "OK: 1 audit rows of 1 operations verified\n", "")
+
+    # An edge added, used and removed: no trigger was disabled, every hash holds.
+    edge = "('default', 'pending', 'succeed', 'succeeded')"
+    await conn.execute(f'INSERT INTO "{s}".lifecycle_transitions VALUES {edge}')
+    await conn.execute(
+        f"UPDATE \"{s}\".operations SET state = 'succeeded', transition = 'succeed', "
+        "transition_actor = 'worker-1' WHERE id = $1",
+        op,
+    )
+    await conn.execute(
+        f'DELETE FROM "{s}".lifecycle_transitions '
+        f"WHERE (lifecycle, from_state, trigger, to_state) = {edge}"
+    )
+    code, _, _ = await _pgoutbox(tmp_path, database_dsn, s, "audit", "verify")
+    assert code == 0
+    code, out, err = await _pgoutbox(tmp_path, database_dsn, s, "audit", "verify", "--rules")
+    assert code == 1
+    assert err.startswith(
+        f"FAILED: operation {op} seq 2: [edge] pending -> succeeded by 'succeed' is not a "
+        "transition lifecycle 'default' allowed at "
+    )
