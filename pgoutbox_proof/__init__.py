@@ -64,22 +64,25 @@ def canonical_encoding(row: Mapping[str, Any]) -> bytes:
     intent = row.get("intent_hash")
     if isinstance(intent, bytes | bytearray | memoryview):
         intent = bytes(intent).hex()
-    return "".join(
-        [
-            field(str(row["operation_id"])),
-            field(str(row["seq"])),
-            field(row["operation_type"]),
-            field(row["from_state"]),
-            field(row["to_state"]),
-            field(row["trigger"]),
-            field(str(row["attempt"])),
-            field(row["actor"]),
-            field(row["detail"]),
-            f"{at}|",
-            "" if db_role is None else field(db_role),
-            "" if intent is None else field(intent),
-        ]
-    ).encode()
+    values = (
+        str(row["operation_id"]),
+        str(row["seq"]),
+        row["operation_type"],
+        row["from_state"],
+        row["to_state"],
+        row["trigger"],
+        str(row["attempt"]),
+        row["actor"],
+        row["detail"],
+    )
+    # field() inlined: this runs once per audit row of every verification.
+    encoded = "".join(["~|" if v is None else f"{len(v)}:{v}|" for v in values])
+    encoded += f"{at}|"
+    if db_role is not None:
+        encoded += field(db_role)
+    if intent is not None:
+        encoded += field(intent)
+    return encoded.encode()
 
 
 def row_hash(prev_hash: bytes | None, row: Mapping[str, Any]) -> bytes:

@@ -149,7 +149,7 @@ def logs_and_checkpoints(draw: st.DrawFn) -> tuple[Log, dict[int, int]]:
     return log, prefixes
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(logs_and_checkpoints())
 def test_an_untampered_log_verifies_against_any_checkpoint_of_it(
     case: tuple[Log, dict[int, int]],
@@ -164,7 +164,7 @@ def test_an_untampered_log_verifies_against_any_checkpoint_of_it(
 EDITS = ["detail", "to_state", "actor", "backdate", "swap", "truncate", "delete", "intent"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(logs_and_checkpoints(), st.sampled_from(EDITS), st.data())
 def test_any_single_edit_of_a_covered_row_is_found_at_its_operation(
     case: tuple[Log, dict[int, int]], edit: str, data: st.DataObject
