@@ -32,7 +32,7 @@ from pgoutbox.cli_ops import (
     _time,
 )
 from pgoutbox.flow import LimitError, Rate
-from pgoutbox.flow_admin import FlowControlError, PauseInfo, Scope
+from pgoutbox.flow_admin import FlowControlError, PauseInfo, Scope, utc
 
 
 def _target(
@@ -137,7 +137,7 @@ def resume(
 
     since = _run(obj, _refusing(go))
     what = f"{scope} {target}" + (f" partition {part}" if part is not None else "")
-    click.echo(f"resumed {what} (paused since {since:%Y-%m-%d %H:%M:%S%z}) by {actor}: {reason}")
+    click.echo(f"resumed {what} (paused since {utc(since)}) by {actor}: {reason}")
 
 
 @click.group(invoke_without_command=True)
@@ -157,7 +157,7 @@ def limits(ctx: click.Context, as_json_: bool) -> None:
         table.add_column(name)
     for info in found:
         override = (
-            f"{info.overridden_by} at {info.overridden_at:%Y-%m-%d %H:%M}: {info.override_reason}"
+            f"{info.overridden_by} at {utc(info.overridden_at)}: {info.override_reason}"
             if info.overridden_at is not None
             else ""
         )

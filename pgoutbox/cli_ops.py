@@ -45,8 +45,8 @@ from pgoutbox.admin import (
 )
 from pgoutbox.audit import AuditVerification
 from pgoutbox.cli_errors import DATABASE_ERRORS, database_error, visible
-from pgoutbox.flow_admin import PauseInfo
-from pgoutbox.lifecycle import DEFAULT_LIFECYCLE, FINISHED_STATES
+from pgoutbox.flow_admin import PauseInfo, utc
+from pgoutbox.lifecycle import CLAIMED, DEFAULT_LIFECYCLE, FINISHED_STATES
 from pgoutbox.settings import DatabaseSettings
 
 T = TypeVar("T")
@@ -468,7 +468,8 @@ def ops_list(
             _state(op.state)
             + (
                 " (paused)"
-                if op.state not in FINISHED_STATES
+                # waiting, not running: what a pause holds back
+                if op.state not in FINISHED_STATES | {CLAIMED}
                 and {("type", op.operation_type), ("channel", op.channel)} & paused
                 else ""
             ),
@@ -984,7 +985,7 @@ def _print_stats(console: Console, result: Stats) -> None:
         )
     for p in result.pauses:
         console.print(
-            _text(f"paused: {p.what} since {p.paused_at:%Y-%m-%d %H:%M:%S%z} by {p.paused_by}: "
+            _text(f"paused: {p.what} since {utc(p.paused_at)} by {p.paused_by}: "
                   f"{p.reason}", "yellow")
         )  # fmt: skip
     console.print(

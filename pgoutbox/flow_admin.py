@@ -10,7 +10,7 @@ poll interval, so a change holds cluster wide within one poll interval.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Literal
 
 import asyncpg
@@ -65,6 +65,11 @@ class LimitInfo:
     running: int  # operations of its types holding a lease now
 
 
+def utc(when: datetime) -> str:
+    """``when`` as the CLI shows times: UTC, to the second, ``Z``."""
+    return f"{when.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
+
+
 def check_text(value: object, what: str) -> str:
     """``value`` if it is non-blank text of at most 1000 characters without NUL."""
     if not isinstance(value, str) or not value.strip() or len(value) > _MAX_TEXT or "\x00" in value:
@@ -111,11 +116,7 @@ async def pause(
             for p in await pauses(conn, q)
             if (p.scope, p.target, p.partition) == (scope, target, partition)
         ]
-        since = (
-            f" by {current[0].paused_by} since {current[0].paused_at:%Y-%m-%d %H:%M:%S%z}"
-            if current
-            else ""
-        )
+        since = f" by {current[0].paused_by} since {utc(current[0].paused_at)}" if current else ""
         raise FlowControlError(f"{scope} {target!r} is paused already{since}; nothing changed")
     return PauseInfo(row["id"], scope, target, partition, actor, reason, "", row["paused_at"])
 

@@ -499,6 +499,29 @@ async def _tell_the_story(page: Page, conn: asyncpg.Connection, dsn: str) -> Non
         await page.run("pgoutbox audit report --since 1h --until now --type 'email.*'")
         await page.run("pgoutbox ops show 99")
 
+        # -- flow control: the courier's limit (as the worker's router declares it), a pause --
+        await conn.execute(
+            "INSERT INTO shop.flow_limits (name, operation_types, concurrency, rate_count, "
+            "rate_period_seconds) VALUES ('courier', '{shipping.book_courier}', 2, 30, 60)"
+        )
+        await page.run("pgoutbox limits")
+        await page.run(
+            "pgoutbox limits set courier --concurrency 1 --actor alice "
+            '--reason "courier asked us to slow down (INC-311)"'
+        )
+        await page.run("pgoutbox limits")
+        await page.run(
+            "pgoutbox pause shipping.book_courier --actor alice "
+            '--reason "courier API down (INC-311)"'
+        )
+        await page.run("pgoutbox pause --list")
+        await page.run("pgoutbox ops list --type 'shipping.*'")
+        await page.run(
+            "pgoutbox resume shipping.book_courier --actor alice "
+            '--reason "courier API is back (INC-311)"'
+        )
+        await page.run('pgoutbox resume shipping.book_courier --actor alice --reason "again"')
+
         # -- acting on them ------------------------------------------------------------------
         await page.run(
             'pgoutbox ops retry 9 --actor alice --reason "courier API is back (INC-311)"'
@@ -506,7 +529,11 @@ async def _tell_the_story(page: Page, conn: asyncpg.Connection, dsn: str) -> Non
         await shop.step(9, "claim")
         await shop.step(9, "fail", COURIER_DOWN, max_attempts=5)
         await page.run("pgoutbox ops retry 1 --actor alice")
-        await page.run('pgoutbox ops cancel 9 10 --actor alice --reason "booked by phone"')
+        # 10 is claimed by the worker this story plays, which is not running: the cancel request
+        # is recorded and nobody answers it.
+        await page.run(
+            'pgoutbox ops cancel 9 10 --actor alice --reason "booked by phone" --wait 1s'
+        )
         await page.run("pgoutbox ops show 9")
         await page.run(
             "pgoutbox ops replay 3 --actor alice --reason "
