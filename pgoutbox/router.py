@@ -206,10 +206,11 @@ class WorkflowRouter:
         :class:`~pgoutbox.flow.Limit` objects too (a group of types, or per partition). A
         limit applies to every step of the type. See docs/flow-control.md.
 
-        ``timeout`` (seconds or a ``timedelta``) cancels a handler that runs longer: the attempt
-        fails with "timed out after N s" and is retried per ``retry`` (a transactional
+        ``timeout`` (seconds or a ``timedelta``; ``async def`` handlers only: a plain ``def``
+        runs in a thread, which cannot be interrupted) cancels a handler that runs longer: the
+        attempt fails with "timed out after N s" and is retried per ``retry`` (a transactional
         handler's transaction rolls back); default: the ``handler_timeout_seconds`` setting
-        (none). ``max_snoozes`` bounds how often an operation may :class:`~pgoutbox.Snooze`
+        (none, and never for a ``def``). ``max_snoozes`` bounds how often an operation may :class:`~pgoutbox.Snooze`
         before a snooze counts as a failed attempt (default: the ``max_snoozes`` setting, 100).
         """
         if not isinstance(operation_type, str) or not _NAME.fullmatch(operation_type):
@@ -242,6 +243,12 @@ class WorkflowRouter:
                     f"handler for {operation_type!r} must be a function "
                     f"`async def {getattr(fn, '__name__', 'handler')}(ctx, payload)` (or a "
                     "plain `def`, run in a thread)"
+                )
+            if timeout_seconds is not None and not inspect.iscoroutinefunction(fn):
+                raise RouterError(
+                    f"handler for {operation_type!r}: timeout= needs an `async def` handler; a "
+                    "plain `def` runs in a thread, which cannot be interrupted (time out the "
+                    "call it makes instead, e.g. the HTTP client's timeout)"
                 )
             if key in self._own:
                 where = "" if step == CLAIMED else f" for step {step!r}"

@@ -487,6 +487,12 @@ class Dispatcher:
             op.finished = True
             self._outcomes.append(outcome)
             self._record_wake.set()
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # stop() cancelled this loop, and the handler returned anyway (a def handler's
+                # thread is waited for; an async one may catch it): its outcome is recorded by
+                # stop()'s last flush, and the loop ends as stop() asked.
+                raise asyncio.CancelledError
 
     async def _attempt(self, op: Claimed) -> Outcome:
         """Run one attempt under its timeout, stoppable by an operator's cancel: the three
@@ -495,6 +501,8 @@ class Dispatcher:
         if op.abort is not None:  # requested while it was queued: nothing ran
             return Outcome(op, Aborted(f"{self.worker_id} cancelled it before its handler ran"))
         timeout = op.spec.timeout_seconds or self._settings.handler_timeout_seconds
+        if self._sync is not None and self._sync.handles(op.spec):
+            timeout = None  # a thread cannot be interrupted (the router refuses timeout=)
         op.task = asyncio.current_task()
         try:
             if timeout is None:  # the usual case: asyncio.timeout(None) costs ~3 us an attempt

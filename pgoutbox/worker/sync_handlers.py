@@ -113,7 +113,18 @@ class SyncHandlers:
         # The attempt's context (its trace span, for one) goes with it into the thread.
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, context.run, fn, *args)
+        thread = loop.run_in_executor(self._threads, context.run, fn, *args)
+        # A thread cannot be interrupted: whatever cancels this await (an operator's cancel, the
+        # worker stopping) leaves the handler running, and recording a cancel or a release
+        # while it may still act outside would be a lie. So the attempt ends when the handler
+        # does, with what it did; the cancel is taken as having come too late (the
+        # dispatcher's _attempt and _work_loop see it is still pending).
+        while True:
+            try:
+                return await asyncio.shield(thread)
+            except asyncio.CancelledError:
+                if thread.cancelled():
+                    raise  # never started: the pool was shut down
 
     def close(self) -> None:
         """Stop the threads once their handlers return (a thread cannot be interrupted: a
