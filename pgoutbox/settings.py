@@ -176,6 +176,17 @@ class WorkflowSystemSettings(BaseModel):
     audit_checkpoint_dir: str | None = Field(
         default=None, description="where the checkpoint service writes (with its heads files)"
     )
+    retention_days: float | None = Field(
+        default=None,
+        gt=0,
+        description="purge finished operations whose last transition is older (succeeded and "
+        "cancelled ones; dead ones too with retention_include_dead), as `pgoutbox ops purge` "
+        "does, recorded in purges; their audit rows stay. None: never",
+    )
+    retention_include_dead: bool = False
+    retention_interval_minutes: float = Field(
+        default=60, gt=0, description="how often the retention purge runs"
+    )
 
     @field_validator("channel")
     @classmethod

@@ -1,4 +1,5 @@
-"""A worker's audit checkpoint service: a signed checkpoint of the audit log every N minutes
+"""A worker's maintenance services: retention purges (``workflow_system.retention_days``, at
+the end) and audit checkpoints: a signed checkpoint of the audit log every N minutes
 (``workflow_system.audit_checkpoint_minutes``), written to a directory the user ships somewhere
 the database's owner cannot write (docs/audit.md).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import asyncpg
 
 from pgoutbox import anchor
 from pgoutbox.service import Service
+from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import queries
 
 log = logging.getLogger("pgoutbox.worker")
@@ -95,3 +97,45 @@ def checkpoint_service(settings: Any) -> Callable[[asyncpg.Pool, str], Checkpoin
         return CheckpointService(pool, schema, key, directory, interval)
 
     return build
+
+
+class RetentionService(Service):
+    """Purges finished operations older than the retention (``workflow_system.retention_days``)
+    once per ``interval``: what ``pgoutbox ops purge`` does, recorded in ``purges`` with the
+    actor ``retention:<worker id>``; their audit rows stay. Workers may run it at the same
+    time: each run is its own ``purges`` row, and its batches skip rows another one locked. The
+    worker's role needs the operator's grants (``pgoutbox db grant --operator ROLE``)."""
+
+    name = "retention"
+
+    def __init__(
+        self,
+        settings: DatabaseSettings,
+        worker_id: str,
+        keep: timedelta,
+        include_dead: bool,
+        interval: float,
+    ) -> None:
+        super().__init__(interval)
+        self._settings, self._actor = settings, f"retention:{worker_id}"
+        self._keep, self._include_dead = keep, include_dead
+
+    async def run_once(self) -> int:
+        """Purge what the retention allows now; how many operations were deleted."""
+        from pgoutbox.admin import Admin
+
+        async with Admin(self._settings) as admin:
+            try:
+                result = await admin.purge(
+                    self._keep, actor=self._actor, include_dead=self._include_dead
+                )
+            except asyncpg.InsufficientPrivilegeError as exc:
+                log.error(
+                    "retention: this worker's role may not purge (%s): grant it with "
+                    "`pgoutbox db grant --operator ROLE`, or run `pgoutbox ops purge` from cron",
+                    exc,
+                )
+                return 0
+        if result.deleted:
+            log.info("retention: purged %d finished operations", result.deleted)
+        return int(result.deleted)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from datetime import timedelta
 from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
@@ -20,7 +21,7 @@ from pgoutbox.db import (
 from pgoutbox.router import RouterError, WorkflowRouter
 from pgoutbox.settings import Settings
 from pgoutbox.sql import queries
-from pgoutbox.worker.checkpoints import CheckpointService, checkpoint_service
+from pgoutbox.worker.checkpoints import CheckpointService, RetentionService, checkpoint_service
 from pgoutbox.worker.dispatcher import Dispatcher
 from pgoutbox.worker.services import Heartbeat, Listener, Rescuer
 from pgoutbox.worker.sync_handlers import SyncHandlers
@@ -58,7 +59,9 @@ class WorkflowSystem:
         fingerprint = worker_key_fingerprint(self._worker_key)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{fingerprint}"
         self._dispatcher: Dispatcher | None = None
-        self._services: list[Heartbeat | Rescuer | Listener | CheckpointService] = []
+        self._services: list[
+            Heartbeat | Rescuer | Listener | CheckpointService | RetentionService
+        ] = []
         self._engine: AsyncEngine | None = None
         self._sync: SyncHandlers | None = None  # the threads of `def` handlers
 
@@ -70,7 +73,9 @@ class WorkflowSystem:
         return self._dispatcher
 
     @property
-    def services(self) -> dict[str, Heartbeat | Rescuer | Listener | CheckpointService]:
+    def services(
+        self,
+    ) -> dict[str, Heartbeat | Rescuer | Listener | CheckpointService | RetentionService]:
         """The running background services by name."""
         return {service.name: service for service in self._services}
 
@@ -162,6 +167,16 @@ class WorkflowSystem:
             )
         if make_checkpoints is not None:
             self._services.append(make_checkpoints(self._pool, db.schema_name))
+        if ws.retention_days is not None:
+            self._services.append(
+                RetentionService(
+                    db,
+                    self.worker_id,
+                    timedelta(days=ws.retention_days),
+                    ws.retention_include_dead,
+                    ws.retention_interval_minutes * 60,
+                )
+            )
         for service in self._services:
             service.start()
         dispatcher.start()

@@ -31,7 +31,7 @@ from anchorkit import (
 import pgoutbox_proof as proof
 from pgoutbox import WorkflowRouter, WorkflowSystem, anchor
 from pgoutbox.settings import DatabaseSettings, Settings
-from pgoutbox.worker.checkpoints import CheckpointService
+from pgoutbox.worker.checkpoints import CheckpointService, RetentionService
 
 Found = set[tuple[int, int, str]]
 Tampering = Callable[[asyncpg.Connection, str, dict[str, int]], Awaitable[tuple[Found, Found]]]
@@ -445,3 +445,31 @@ async def test_a_worker_asked_for_checkpoints_without_a_key_does_not_start(
     )
     with pytest.raises(anchor.CheckpointError, match="PGOUTBOX_AUDIT_KEY"):
         await system.start()
+
+
+async def test_a_worker_purges_on_its_retention_and_the_purge_explains_the_gone(
+    settings: Settings, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    s = settings.database.schema_name
+    ids = await shop(conn, s)
+    ws = settings.workflow_system.model_copy(
+        update={"retention_days": 1e-9, "retention_include_dead": True}
+    )
+    async with WorkflowSystem(
+        router=_router(), settings=settings.model_copy(update={"workflow_system": ws})
+    ) as system:
+        service = system.services["retention"]
+        assert isinstance(service, RetentionService)
+        # It ran once as the worker started; a round now finds what is left, if anything.
+        await service.run_once()
+
+    finished = {ids["succeeded"], ids["retried"], ids["dead"]}
+    left = {r["id"] for r in await conn.fetch(f'SELECT id FROM "{s}".operations')}
+    assert left == set(ids.values()) - finished
+    purges = await conn.fetch(f'SELECT actor, deleted, include_dead FROM "{s}".purges')
+    assert {(p["actor"], p["include_dead"]) for p in purges} == {
+        (f"retention:{system.worker_id}", True)
+    }
+    assert sum(p["deleted"] for p in purges) == len(finished)
+    result = await Signer(tmp_path).verify(conn, s, None)  # the rules: every gone one explained
+    assert result.ok, result.failures()
