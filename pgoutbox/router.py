@@ -210,8 +210,9 @@ class WorkflowRouter:
         runs in a thread, which cannot be interrupted) cancels a handler that runs longer: the
         attempt fails with "timed out after N s" and is retried per ``retry`` (a transactional
         handler's transaction rolls back); default: the ``handler_timeout_seconds`` setting
-        (none, and never for a ``def``). ``max_snoozes`` bounds how often an operation may :class:`~pgoutbox.Snooze`
-        before a snooze counts as a failed attempt (default: the ``max_snoozes`` setting, 100).
+        (none, and never for a ``def``). ``max_snoozes`` bounds how often an operation may
+        :class:`~pgoutbox.Snooze` before a snooze counts as a failed attempt (default: the
+        ``max_snoozes`` setting, 100).
         """
         if not isinstance(operation_type, str) or not _NAME.fullmatch(operation_type):
             raise RouterError(

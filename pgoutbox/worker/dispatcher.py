@@ -5,11 +5,15 @@ Three kinds of loop share the in-flight table:
 - the claim loop leases up to ``batch_size`` due operations per statement, whenever there is
   room, and sleeps until woken (notification, a freed slot, the next ``run_at``, or the poll
   interval);
-- ``n_workers`` work loops take claimed operations from a queue and run their handlers;
+- ``n_workers`` work loops take claimed operations from a queue and run each attempt through
+  the executor (executor.py: timeouts, cancels, transactions, ``def`` handlers in threads);
 - the record loop writes every outcome that has piled up, one fenced statement per kind, in
   up to ``RECORD_LANES`` batches at once. A batch of successes is recorded by the statement
   that also claims as many as it frees, so the usual cycle is one round trip and one commit;
   the claim loop claims only when nothing is being recorded (at start, after idling).
+
+Limited and paused types go through the flow gate (flow_gate.py) instead of the ordinary claim
+statements.
 
 An operation stays in flight (its lease extended by the heartbeat) from its claim until its
 outcome is committed, so a crash at any point leaves it ``claimed`` until the rescuer finds
@@ -21,12 +25,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import time
 import traceback
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -34,21 +36,22 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from pgoutbox import observability
 from pgoutbox.context import (
-    DoNotRetry,
-    GuardedSession,
-    HandlerContext,
     Snooze,
-    SyncGuardedSession,
 )
 from pgoutbox.lifecycle import CLAIMED, DEAD, FAILED, FINISHED_STATES, PENDING
 from pgoutbox.router import HandlerSpec
 from pgoutbox.service import CONNECTION_ERRORS
 from pgoutbox.settings import WorkflowSystemSettings
 from pgoutbox.sql import Query
+from pgoutbox.worker.attempts import (
+    Claimed,
+    Outcome,
+    success_args,
+)
+from pgoutbox.worker.executor import Executor
 from pgoutbox.worker.flow_gate import FlowGate
 from pgoutbox.worker.running import (
     Aborted,
-    HandlerTimedOut,
     SnoozeLimitReached,
     abort_args,
     snooze_args,
@@ -58,7 +61,6 @@ if TYPE_CHECKING:
     from pgoutbox.worker.sync_handlers import SyncHandlers
 
 log = logging.getLogger("pgoutbox.worker")
-handler_log = logging.getLogger("pgoutbox.handler")
 
 # Batches recorded at once, each on its own connection: while one statement's backend works,
 # the other's result is being handled or its commit flushed. The bare protocol drained 1.3x
@@ -67,51 +69,6 @@ handler_log = logging.getLogger("pgoutbox.handler")
 RECORD_LANES = 2
 
 _LAST_ERROR_CHARS = 1000
-
-
-class LeaseLost(Exception):
-    """The operation's lease went to someone else before its outcome could be recorded."""
-
-
-class StepResultError(Exception):
-    """A step returned something that is not a trigger its state allows: the attempt fails."""
-
-
-@dataclass(slots=True)
-class Claimed:
-    """An operation this worker holds."""
-
-    id: int
-    operation_type: str
-    payload: str
-    attempt: int  # of the operation, as its audit rows number them
-    step_attempt: int  # of the step running now; max_attempts applies to it
-    max_attempts: int
-    version: int
-    idempotency_key: str
-    spec: HandlerSpec  # the step's
-    step: str  # the state the step runs in: claimed, or a later working state
-    trace_context: str | None = None  # the publisher's, as JSON (see pgoutbox.observability)
-    started: bool = False  # a work loop took it: its handler may have acted outside
-    finished: bool = False  # the handler is done: the heartbeat leaves it to the recorder
-    task: asyncio.Task[None] | None = None  # the work loop running its handler
-    abort: str | None = None  # an operator asked to cancel it: who (see running.py)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How an attempt ended. ``committed``: its success is recorded already (a transactional
-    one, or by an earlier statement of its batch). ``refused``: its result is not the
-    operation's any more (its lease was lost); only a 'reject' audit event, with this detail,
-    records it."""
-
-    op: Claimed
-    error: BaseException | None = None
-    give_up: bool = False
-    committed: bool = False
-    refused: str | None = None
-    trigger: str = "succeed"  # on success: the trigger the step named
-    to_state: str = "succeeded"
 
 
 class Dispatcher:
@@ -130,8 +87,7 @@ class Dispatcher:
     ) -> None:
         self._pool, self._q, self._settings = pool, queries, settings
         self._schema, self._handlers, self.worker_id = schema, handlers, worker_id
-        self._sessions = sessions
-        self._sync = sync_handlers
+        self._executor = Executor(queries, settings, worker_id, sessions, sync_handlers)
         self._types = sorted(handlers)
         self._lifecycle_of = {t: handlers[t].lifecycle.name for t in self._types}
         later = [(t, s) for t in self._types for s in sorted(handlers[t].lifecycle.step_states)]
@@ -481,7 +437,7 @@ class Dispatcher:
             # Checked per operation, not once: the metrics can be switched off (tests do).
             metrics = observability.metrics
             started = time.perf_counter() if metrics is not None else 0.0
-            outcome = await self._attempt(op)
+            outcome = await self._executor.attempt(op, self._traced)
             if metrics is not None:
                 metrics.observe_attempt(op.operation_type, time.perf_counter() - started)
             op.finished = True
@@ -493,143 +449,6 @@ class Dispatcher:
                 # thread is waited for; an async one may catch it): its outcome is recorded by
                 # stop()'s last flush, and the loop ends as stop() asked.
                 raise asyncio.CancelledError
-
-    async def _attempt(self, op: Claimed) -> Outcome:
-        """Run one attempt under its timeout, stoppable by an operator's cancel: the three
-        kinds of cancellation are told apart here (running.py). Runs in the work loop's own
-        task, not one per attempt: a task per attempt costs the hot path."""
-        if op.abort is not None:  # requested while it was queued: nothing ran
-            return Outcome(op, Aborted(f"{self.worker_id} cancelled it before its handler ran"))
-        timeout = op.spec.timeout_seconds or self._settings.handler_timeout_seconds
-        if self._sync is not None and self._sync.handles(op.spec):
-            timeout = None  # a thread cannot be interrupted (the router refuses timeout=)
-        op.task = asyncio.current_task()
-        try:
-            if timeout is None:  # the usual case: asyncio.timeout(None) costs ~3 us an attempt
-                outcome = await self._execute(op)
-            else:
-                async with asyncio.timeout(timeout):
-                    outcome = await self._execute(op)
-            if op.abort is not None and op.task is not None:
-                # Asked to stop, it finished anyway (it caught the CancelledError abort() sent
-                # and returned): its real outcome stands, and the cancel is counted off this
-                # loop's task, or the loop would take the next operation's cancel for stop()'s.
-                op.task.uncancel()
-            return outcome
-        except TimeoutError:
-            # Only the timeout's own expiry gets here: _run turns a handler's TimeoutError
-            # into its outcome.
-            assert timeout is not None
-            return Outcome(op, HandlerTimedOut(timeout))
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            # An operator's cancel, and nothing else (stop() cancelling too): recorded.
-            if op.abort is not None and task is not None and task.uncancel() == 0:
-                return Outcome(
-                    op,
-                    Aborted(f"{self.worker_id} cancelled the running handler (CancelledError)"),
-                )
-            raise
-        finally:
-            op.task = None
-
-    async def _execute(self, op: Claimed) -> Outcome:
-        """Run one attempt: in its trace span when tracing is on."""
-        if not self._traced:
-            return await self._run(op)
-        with observability.attempt_span(op, self.worker_id) as span:
-            outcome = await self._run(op)
-            if outcome.error is not None:
-                observability.record_attempt_failure(span, outcome.error)
-            elif outcome.refused:  # the lease was lost before the handler's commit
-                observability.record_attempt_failure(
-                    span, None, "lease lost before the transaction committed"
-                )
-            return outcome
-
-    async def _run(self, op: Claimed) -> Outcome:
-        """Run the handler once and say how the attempt ended."""
-        ctx_logger = logging.LoggerAdapter(
-            handler_log, {"operation_id": op.id, "operation_type": op.operation_type}
-        )
-        try:
-            payload = json.loads(op.payload)
-            if op.spec.transactional:
-                return await self._execute_transactional(op, payload, ctx_logger)
-            ctx = self._context(op, None, ctx_logger)
-            if self._sync is not None and self._sync.handles(op.spec):
-                result = await self._sync.call(op.spec.fn, ctx, payload)
-            else:
-                result = await op.spec.fn(ctx, payload)
-            trigger, to_state = _next_state(op, result)
-            return Outcome(op, trigger=trigger, to_state=to_state)
-        except LeaseLost:
-            refused = (
-                f"attempt {op.attempt} by {self.worker_id} refused: lease lost before its "
-                "transaction committed; nothing of it was kept"
-            )
-            return Outcome(op, refused=refused)
-        except DoNotRetry as exc:
-            return Outcome(op, exc, give_up=True)
-        except Exception as exc:
-            return Outcome(op, exc)
-        except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise  # stop() is cancelling this work loop
-            # Leaked from inside the handler (e.g. it awaited a task someone else cancelled):
-            # an ordinary failure. Letting it propagate would end this work loop and leave the
-            # operation claimed, its lease extended by the heartbeat for ever.
-            return Outcome(op, exc)
-
-    async def _execute_transactional(
-        self, op: Claimed, payload: Any, ctx_logger: logging.LoggerAdapter[logging.Logger]
-    ) -> Outcome:
-        if self._sync is not None and self._sync.handles(op.spec):
-            return await self._sync.execute_transactional(
-                op,
-                payload,
-                lambda session: self._context(op, session, ctx_logger),
-                self._q["operations_record_success"],
-                self.worker_id,
-            )
-        assert self._sessions is not None
-        q = self._q["operations_record_success"]
-        # The handler's writes and the success transition share this one transaction: the
-        # commit makes both visible or neither. Any exception (the handler's, a lost lease, or
-        # the commit's own) rolls it all back and is recorded as this attempt's failure.
-        async with self._sessions() as session:
-            async with session.begin():
-                result = await op.spec.fn(
-                    self._context(op, GuardedSession(session), ctx_logger), payload
-                )
-                outcome = Outcome(op, committed=True)
-                outcome.trigger, outcome.to_state = _next_state(op, result)
-                recorded = await session.execute(
-                    q.clause(), {**_success_args([outcome]), "worker_id": self.worker_id}
-                )
-                if recorded.first() is None:
-                    raise LeaseLost(op.id)
-            op.finished = True  # committed: nothing left for the heartbeat to extend
-        return outcome
-
-    def _context(
-        self,
-        op: Claimed,
-        session: GuardedSession | SyncGuardedSession | None,
-        logger: logging.LoggerAdapter[logging.Logger],
-    ) -> HandlerContext:
-        return HandlerContext(
-            operation_id=op.id,
-            operation_type=op.operation_type,
-            attempt=op.step_attempt,
-            max_attempts=op.max_attempts,
-            idempotency_key=op.idempotency_key,
-            session=session,
-            logger=logger,
-            worker_id=self.worker_id,
-            step=op.step,
-        )
 
     # -- record ------------------------------------------------------------------------------
 
@@ -844,7 +663,7 @@ class Dispatcher:
                     if want:
                         await self._refresh_gate(conn)
                     started = time.perf_counter()
-                    rows = await q.fetch(conn, **_success_args(successes), **self._claim_args(want))
+                    rows = await q.fetch(conn, **success_args(successes), **self._claim_args(want))
                     elapsed = time.perf_counter() - started
             except CONNECTION_ERRORS:
                 if want:  # the claim may have committed, its reply lost
@@ -859,7 +678,7 @@ class Dispatcher:
     ) -> set[int]:
         """Record these successes, each fenced by its lease; the ids recorded."""
         q = self._q["operations_record_success"]
-        rows = await q.fetch(conn, **_success_args(successes), worker_id=self.worker_id)
+        rows = await q.fetch(conn, **success_args(successes), worker_id=self.worker_id)
         return {row["id"] for row in rows}
 
     def _mark_successes(self, successes: list[Outcome], done: set[int]) -> None:
@@ -951,23 +770,6 @@ def _released_to(op: Claimed, started: bool) -> str:
     return PENDING if op.step == CLAIMED else op.step
 
 
-def _next_state(op: Claimed, result: Any) -> tuple[str, str]:
-    """The trigger a finished step named and the state it leads to. The default lifecycle's
-    one step always succeeds; a custom lifecycle's step must name one of its state's exits.
-    A returned :class:`Snooze` is raised, as if the handler had raised it."""
-    if isinstance(result, Snooze):
-        raise result
-    if not op.spec.lifecycle.custom:
-        return "succeed", "succeeded"
-    exits = op.spec.lifecycle.exits(op.step)
-    if not isinstance(result, str) or result not in exits:
-        raise StepResultError(
-            f"step {op.step!r} of {op.operation_type!r} returned {result!r}; it must return the "
-            f"trigger to fire next, one of: {', '.join(sorted(exits))}"
-        )
-    return result, exits[result]
-
-
 def _failure_outcome(outcome: Outcome, state: str) -> observability.AttemptOutcome:
     """How the metrics count an attempt recorded by _record_failures."""
     if isinstance(outcome.error, Snooze):
@@ -988,23 +790,8 @@ def _refusals(batch: list[Outcome]) -> dict[int, str]:
     return {o.op.id: o.refused for o in batch if o.refused}
 
 
-def _success_args(outcomes: list[Outcome]) -> dict[str, Any]:
-    """Parameters of ``operations_record_success`` for these successful steps."""
-    timeouts = [o.op.spec.lifecycle.timeouts.get(o.to_state) for o in outcomes]
-    return {
-        "ids": [o.op.id for o in outcomes],
-        "versions": [o.op.version for o in outcomes],
-        "to_states": [o.to_state for o in outcomes],
-        "triggers": [o.trigger for o in outcomes],
-        "new_steps": [
-            o.to_state != o.op.step and o.to_state not in FINISHED_STATES for o in outcomes
-        ],
-        "wait_seconds": [t.seconds if t is not None else None for t in timeouts],
-    }
-
-
 # The recording parameters of ``operations_record_and_claim`` when it only claims.
-NOTHING_RECORDED: Mapping[str, list[Any]] = _success_args([])
+NOTHING_RECORDED: Mapping[str, list[Any]] = success_args([])
 
 
 def _storable(text: str) -> str:

@@ -3,7 +3,7 @@ client, an SDK, the Django ORM) does not stall the worker's event loop.
 
 A transactional ``def`` handler gets a synchronous guarded ``Session`` (over psycopg 3, on a
 connection carrying the worker's key): its writes and the operation's success transition commit
-in that one transaction, exactly as for an ``async def`` handler (the dispatcher's
+in that one transaction, exactly as for an ``async def`` handler (the executor's
 ``_execute_transactional``). Everything else -- claiming, the heartbeat, recording failures --
 is the dispatcher's, on the event loop, whatever kind the handler is.
 """
@@ -24,7 +24,7 @@ from pgoutbox.db import SESSION_SETTINGS_KEY
 from pgoutbox.router import HandlerSpec
 from pgoutbox.settings import DatabaseSettings
 from pgoutbox.sql import Query
-from pgoutbox.worker.dispatcher import Claimed, LeaseLost, Outcome, _next_state, _success_args
+from pgoutbox.worker.attempts import Claimed, LeaseLost, Outcome, next_state, success_args
 
 
 class SyncHandlerError(TypeError):
@@ -96,10 +96,10 @@ class SyncHandlers:
             with sessions() as session, session.begin():
                 result = _checked(op.spec.fn, make_context(SyncGuardedSession(session)), payload)
                 outcome = Outcome(op, committed=True)
-                outcome.trigger, outcome.to_state = _next_state(op, result)
+                outcome.trigger, outcome.to_state = next_state(op, result)
                 recorded = session.execute(
                     record_success.clause(),
-                    {**_success_args([outcome]), "worker_id": worker_id},
+                    {**success_args([outcome]), "worker_id": worker_id},
                 )
                 if recorded.first() is None:
                     raise LeaseLost(op.id)
@@ -118,7 +118,7 @@ class SyncHandlers:
         # worker stopping) leaves the handler running, and recording a cancel or a release
         # while it may still act outside would be a lie. So the attempt ends when the handler
         # does, with what it did; the cancel is taken as having come too late (the
-        # dispatcher's _attempt and _work_loop see it is still pending).
+        # executor's attempt and the dispatcher's _work_loop see it is still pending).
         while True:
             try:
                 return await asyncio.shield(thread)
