@@ -2,6 +2,7 @@
 
     python benchmarks/bench_anchor.py [--rows 1000000] [--rows 10000000]
     python benchmarks/bench_anchor.py --publish-cost [--n 20000] [--rounds 3]
+    python benchmarks/bench_anchor.py --migrate-rows 1000000
 
 For each size, a fresh schema is filled with finished operations of three audit rows each
 (``bench_history.fill``: publish, claim, succeed, every hash the schema's own), then timed:
@@ -20,6 +21,9 @@ means this stays flat as the log grows.
 one schema at 0012_running_controls and one at head, in the same run, alternating rounds (A B A
 B), ``n`` operations published in batches and ``n / 10`` one per transaction; the ratio is
 head / 0012 throughput.
+
+``--migrate-rows N`` fills a schema at 0012_running_controls with N audit rows and times its
+upgrade in place to 0013_anchored_audit (a nullable column and three functions: no rewrite).
 """
 
 from __future__ import annotations
@@ -119,9 +123,7 @@ async def _one_by_one(db: Any, n: int) -> None:
 async def publish_cost(n: int, rounds: int) -> None:
     async with bench_database() as head, bench_database() as before:
         # bench_database migrated both to head: take one back to the revision before this one.
-        from _common import bench_dsn as _dsn
-
-        conn = await asyncpg.connect(_dsn())
+        conn = await asyncpg.connect(bench_dsn())
         await conn.execute(f'DROP SCHEMA "{before.schema_name}" CASCADE')
         await conn.close()
         await migrations.upgrade(before, "0012_running_controls")
@@ -146,13 +148,31 @@ async def publish_cost(n: int, rounds: int) -> None:
         )
 
 
+async def migrate_cost(rows: int) -> None:
+    async with bench_database() as db:
+        conn = await asyncpg.connect(bench_dsn())
+        await conn.execute(f'DROP SCHEMA "{db.schema_name}" CASCADE')
+        await conn.close()
+        await migrations.upgrade(db, "0012_running_controls")
+        operations = -(-rows // 3)
+        await fill(bench_dsn(), db.schema_name, operations, CHANNEL)
+        start = time.perf_counter()
+        await migrations.upgrade(db)
+        elapsed = time.perf_counter() - start
+    print(f"upgrade 0012 -> 0013 of {operations * 3:,} audit rows in place: {elapsed:.2f} s")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, action="append", help="audit rows (repeatable)")
     parser.add_argument("--publish-cost", action="store_true")
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--migrate-rows", type=int)
     args = parser.parse_args()
+    if args.migrate_rows:
+        await migrate_cost(args.migrate_rows)
+        return
     if args.publish_cost:
         await publish_cost(args.n, args.rounds)
         return

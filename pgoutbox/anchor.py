@@ -863,25 +863,29 @@ async def prove(
     schema: str,
     operation_id: int,
     checkpoint: Mapping[str, Any],
-    heads: Iterator[Head],
+    heads_path: Path,
 ) -> dict[str, Any]:
     """An inclusion proof of ``operation_id``'s audit rows covered by ``checkpoint`` (whose
-    heads are ``heads``): the rows up to the covered seq, the intent, and the audit path. Loads
-    every leaf hash (32 bytes per operation) to build the path."""
-    leaves: list[bytes] = []
+    heads file is ``heads_path``): the rows up to the covered seq, the intent, and the audit
+    path. Two passes over the heads file in O(log n) memory: one finds the operation's leaf and
+    checks the file against the signed root, one builds the path."""
     index: int | None = None
     target: Head | None = None
-    for head in heads:
+    tree = proof.TreeBuilder()
+    for position, head in enumerate(read_heads(heads_path)):
         if head.operation_id == operation_id:
-            index, target = len(leaves), head
-        leaves.append(head.leaf())
-    if len(leaves) != checkpoint["size"] or proof.tree_root(leaves).hex() != checkpoint["root"]:
+            index, target = position, head
+        tree.add(head.leaf())
+    if tree.size != checkpoint["size"] or tree.root().hex() != checkpoint["root"]:
         raise CheckpointError("the heads file does not hash to the checkpoint's signed root")
     if index is None or target is None:
         raise CheckpointError(
             f"operation {operation_id} is not covered by the checkpoint of "
             f"{checkpoint['taken_at']} (it had no audit rows in its snapshot)"
         )
+    path = proof.inclusion_path_of_stream(
+        (head.leaf() for head in read_heads(heads_path)), index, tree.size
+    )
     q = queries(schema)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         rows = await q["anchor_operation_rows"].fetch(
@@ -903,7 +907,7 @@ async def prove(
         "checkpoint": dict(checkpoint),
         "operation_id": operation_id,
         "leaf_index": index,
-        "path": [h.hex() for h in proof.inclusion_path(leaves, index)],
+        "path": [h.hex() for h in path],
         "intent": intent,
         "rows": [
             {

@@ -242,14 +242,14 @@ def prove(
         heads_path = (
             Path(heads) if heads else Path(checkpoint_file).with_name(document["heads_file"])
         )
-        head_stream = anchor.read_heads(heads_path)
+        anchor.read_heads(heads_path)  # a missing or foreign heads file fails here
     except anchor.CheckpointError as exc:
         raise Refused(str(exc)) from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CliError(f"cannot read the checkpoint {checkpoint_file!r}: {exc}") from None
 
     async def build(conn: asyncpg.Connection, schema: str) -> dict[str, Any]:
-        return await anchor.prove(conn, schema, operation_id, document, head_stream)
+        return await anchor.prove(conn, schema, operation_id, document, heads_path)
 
     result = _run(obj, build)
     Path(output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

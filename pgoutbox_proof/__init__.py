@@ -201,6 +201,42 @@ def inclusion_path(leaves: Sequence[bytes], index: int) -> list[bytes]:
     return path
 
 
+def path_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges ``[lo, hi)`` whose roots make the audit path of leaf ``index`` in a tree
+    of ``size`` leaves, from the leaf's sibling up: disjoint, and with the leaf they cover the
+    tree."""
+    if not 0 <= index < size:
+        raise ProofError(f"leaf index {index} is outside a tree of {size} leaves")
+    ranges: list[tuple[int, int]] = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            ranges.append((lo + k, hi))
+            hi = lo + k
+        else:
+            ranges.append((lo, lo + k))
+            lo = lo + k
+    ranges.reverse()
+    return ranges
+
+
+def inclusion_path_of_stream(leaves: Iterable[bytes], index: int, size: int) -> list[bytes]:
+    """:func:`inclusion_path` from leaf hashes streamed in order, in O(log n) memory: each
+    leaf goes to the builder of the path range holding it."""
+    ranges = path_ranges(index, size)
+    builders = [TreeBuilder() for _ in ranges]
+    for position, leaf in enumerate(leaves):
+        for (lo, hi), builder in zip(ranges, builders, strict=True):
+            if lo <= position < hi:
+                builder.add(leaf)
+                break
+    for (lo, hi), builder in zip(ranges, builders, strict=True):
+        if builder.size != hi - lo:
+            raise ProofError(f"the leaves end before the tree's {size}")
+    return [builder.root() for builder in builders]
+
+
 def root_from_path(leaf: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
     """The root an audit path leads to (RFC 9162 section 2.1.3.2); :class:`ProofError` when the
     path cannot belong to a tree of ``size`` leaves."""

@@ -290,20 +290,14 @@ async def test_proofs_check_offline_and_fail_on_a_changed_row(
     document = anchor.read_checkpoint(path, signer.public)
 
     for op in ids.values():
-        built = await anchor.prove(
-            conn, s, op, document, anchor.read_heads(anchor.heads_path_for(path))
-        )
+        built = await anchor.prove(conn, s, op, document, anchor.heads_path_for(path))
         assert proof.check_proof(built, signer.public).startswith(f"OK: operation {op}")
 
-    built = await anchor.prove(
-        conn, s, ids["succeeded"], document, anchor.read_heads(anchor.heads_path_for(path))
-    )
+    built = await anchor.prove(conn, s, ids["succeeded"], document, anchor.heads_path_for(path))
     built["rows"][-1]["detail"] = "card declined"
     with pytest.raises(proof.ProofError, match="seq 3: hash does not match"):
         proof.check_proof(built, signer.public)
-    built = await anchor.prove(
-        conn, s, ids["succeeded"], document, anchor.read_heads(anchor.heads_path_for(path))
-    )
+    built = await anchor.prove(conn, s, ids["succeeded"], document, anchor.heads_path_for(path))
     assert built["intent"] is not None
     built["intent"]["payload"] = '{"amount": 999}'
     with pytest.raises(proof.ProofError, match="do not lead to the checkpoint's signed root"):
@@ -376,9 +370,7 @@ async def test_cli_proof_checks_on_a_machine_without_the_database_stack(
     ids = await shop(conn, s)
     path = await signer.checkpoint(conn, s)
     document = anchor.read_checkpoint(path, signer.public)
-    built = await anchor.prove(
-        conn, s, ids["retried"], document, anchor.read_heads(anchor.heads_path_for(path))
-    )
+    built = await anchor.prove(conn, s, ids["retried"], document, anchor.heads_path_for(path))
     (tmp_path / "proof.json").write_text(json.dumps(built))
     public = tmp_path / "audit.pub"
     public.write_bytes(proof.public_key_pem(signer.public))

@@ -224,6 +224,9 @@ def test_proofs_from_random_positions_check_offline(
     )
     document["signature"] = base64.b64encode(KEY.sign(proof.signing_bytes(document))).decode()
     index = data.draw(st.integers(0, len(heads) - 1))
+    leaves = [h.leaf() for h in heads]
+    path = proof.inclusion_path(leaves, index)
+    assert proof.inclusion_path_of_stream(iter(leaves), index, len(leaves)) == path
     head = heads[index]
     rows = log.rows[head.operation_id][: head.seq]
     intent = dict(log.intents[head.operation_id])
@@ -233,7 +236,7 @@ def test_proofs_from_random_positions_check_offline(
         "checkpoint": document,
         "operation_id": head.operation_id,
         "leaf_index": index,
-        "path": [h.hex() for h in proof.inclusion_path([h.leaf() for h in heads], index)],
+        "path": [h.hex() for h in path],
         "intent": intent,
         "rows": [
             {
