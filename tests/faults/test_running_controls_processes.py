@@ -244,7 +244,9 @@ async def test_the_cli_cancels_operations_running_in_worker_processes(
         assert rows[1]["actor"] in abort["detail"]
         ran = await handler_events(conn, events, op)
         if ran:
-            assert ran == [(1, "started"), (1, "cancelled")]
+            # A handler whose cancel arrived while it was still writing "started" (its first
+            # await: a queued one that began just then) ends there, without its clean-up.
+            assert ran in ([(1, "started"), (1, "cancelled")], [(1, "started")]), ran
             assert "stopped: " in abort["detail"]
             assert "cancelled the running handler (CancelledError)" in abort["detail"]
         else:
