@@ -294,13 +294,13 @@ def load_public_key(text: str | bytes) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     data = text.encode() if isinstance(text, str) else text
-    if b"-----BEGIN" in data:
-        key = load_pem_public_key(data)
-    else:
-        try:
+    try:
+        if b"-----BEGIN" in data:
+            key = load_pem_public_key(data)
+        else:
             key = Ed25519PublicKey.from_public_bytes(base64.b64decode(data.strip(), validate=True))
-        except ValueError as exc:
-            raise ProofError(f"not an Ed25519 public key (PEM or base64): {exc}") from None
+    except ValueError as exc:
+        raise ProofError(f"not an Ed25519 public key (PEM or base64): {exc}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise ProofError("the public key is not an Ed25519 key")
     return key

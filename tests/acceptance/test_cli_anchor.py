@@ -49,13 +49,6 @@ async def test_bad_keys_checkpoints_proofs_and_times_are_named(
     assert "no signing key: give --key FILE or set PGOUTBOX_AUDIT_KEY" in err
     assert not (t / "cp.json").exists()
 
-    code, _, err = await run(
-        "audit", "checkpoint", "-o", "TMP/cp.json", PGOUTBOX_AUDIT_KEY="not a key"
-    )
-    assert code == 2
-    assert "not an Ed25519 private key" in err
-    assert not (t / "cp.json").exists()
-
     code, out, err = await run("audit", "checkpoint", "--key", "TMP/k.key", "-o", "TMP/cp.json")
     assert code == 0, err
     assert "0 operations, 0 audit rows" in out
@@ -63,12 +56,6 @@ async def test_bad_keys_checkpoints_proofs_and_times_are_named(
     code, _, err = await run("audit", "verify", "--checkpoint", "TMP/cp.json")
     assert code == 2
     assert "--checkpoint FILE and --public-key KEY go together" in err
-
-    code, _, err = await run(
-        "audit", "verify", "--checkpoint", "TMP/cp.json", "--public-key", "TMP/k.key"
-    )
-    assert code == 2
-    assert "public key" in err
 
     document = json.loads((t / "cp.json").read_text())
     document["size"] = 7

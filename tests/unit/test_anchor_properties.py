@@ -252,3 +252,14 @@ def test_proofs_from_random_positions_check_offline(
     built["rows"][-1]["actor"] = "someone else"
     with pytest.raises(proof.ProofError):
         proof.check_proof(built, PUBLIC)
+
+
+def test_keys_that_are_not_ed25519_keys_are_named() -> None:
+    from pgoutbox.anchor import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not an Ed25519 private key"):
+        load_private_key("not a key")
+    with pytest.raises(proof.ProofError, match="not an Ed25519 public key"):
+        proof.load_public_key("not a key")
+    with pytest.raises(proof.ProofError, match=r"not an Ed25519 public key.*public key"):
+        proof.load_public_key(generate_key()[0])  # the private half
