@@ -468,7 +468,9 @@ SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trig
        o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
        o.state AS current_state
 FROM {s}.audit_log a
-LEFT JOIN {s}.operations o ON o.id = a.operation_id
+-- The lower bound lets the merge join start at the page: without it the generic plan reads
+-- operations from the first id on every page, and a walk takes time quadratic in the log.
+LEFT JOIN {s}.operations o ON o.id = a.operation_id AND o.id >= :after_operation_id
 WHERE (a.operation_id, a.seq) > (:after_operation_id, :after_seq)
 ORDER BY a.operation_id, a.seq
 LIMIT :limit;
@@ -1165,7 +1167,8 @@ SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trig
        o.state AS current_state, o.lifecycle, o.channel, CAST(o.payload AS text) AS payload,
        o.idempotency_key, o.created_by, o.created_at, o.operation_type AS current_type
 FROM {s}.audit_log a
-LEFT JOIN {s}.operations o ON o.id = a.operation_id AND a.seq = 1
+LEFT JOIN {s}.operations o
+    ON o.id = a.operation_id AND a.seq = 1 AND o.id >= :after_operation_id  -- see audit_log_page
 WHERE (a.operation_id, a.seq) > (:after_operation_id, :after_seq)
 ORDER BY a.operation_id, a.seq
 LIMIT :limit;
