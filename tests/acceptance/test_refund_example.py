@@ -78,9 +78,14 @@ async def test_run_pays_each_refund_once_and_the_large_one_only_after_alices_app
         await provider_call(self, idempotency_key, action, **details)
 
     async def recording_fire(self: Any, operation_id: int, trigger: str, **kw: Any) -> Any:
-        fired = await admin_fire(self, operation_id, trigger, **kw)
+        # Noted before the call: the fire commits inside it, and the worker (on this same event
+        # loop) may pay out before the call returns here.
         events.append(("fired", trigger))
-        return fired
+        try:
+            return await admin_fire(self, operation_id, trigger, **kw)
+        except BaseException:
+            events.remove(("fired", trigger))
+            raise
 
     monkeypatch.setattr(refund.FakeProvider, "call", recording_call)
     monkeypatch.setattr(refund.Admin, "fire", recording_fire)
