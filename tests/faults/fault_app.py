@@ -22,18 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import logging
 import os
 import random
 import signal
-import sys
-import threading
 import time
 from typing import Any
 
 import asyncpg
+from appkit import PooledSystem, prepare_process
 
-from pgoutbox import HandlerContext, Settings, WorkflowRouter, WorkflowSystem
+from pgoutbox import HandlerContext, Settings, WorkflowRouter
 
 KILL_POINTS = ("before_effect", "after_effect", "mid_handler", "after_return")
 
@@ -97,13 +95,6 @@ def build_router(effects: Effects, seed: int, rate: float) -> WorkflowRouter:
     return router
 
 
-def exit_when_orphaned(parent_pid: int) -> None:
-    # A thread, not a task: it also covers start-up, before the worker's loop runs.
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(3)
-
-
 def skew_wall_clock(seconds: float) -> None:
     """Make this process's wall clock wrong by ``seconds`` (monotonic time is left alone, as
     NTP-less hosts leave it)."""
@@ -124,46 +115,19 @@ def skew_wall_clock(seconds: float) -> None:
     datetime.datetime = SkewedDatetime  # type: ignore[misc]
 
 
-class FaultSystem(WorkflowSystem):
-    """The worker, opening the handlers' effects pool before it claims and closing it after."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.effects = Effects(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
-        router = build_router(
-            self.effects,
-            int(os.environ.get("FAULT_SEED", "0")),
-            float(os.environ.get("FAULT_KILL_RATE", "0.05")),
-        )
-        super().__init__(router=router, settings=settings)
-
-    async def start(self) -> None:
-        await self.effects.open()
-        try:
-            await super().start()
-        except BaseException:
-            await self.effects.close()
-            raise
-
-    async def stop(self) -> None:
-        try:
-            await super().stop()
-        finally:
-            await self.effects.close()
-
-
-def build_system() -> FaultSystem:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING,
-        format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
-    parent = os.environ.get("FAULT_PARENT_PID")
-    if parent:
-        threading.Thread(target=exit_when_orphaned, args=(int(parent),), daemon=True).start()
+def build_system() -> PooledSystem:
+    prepare_process()
     skew = float(os.environ.get("FAULT_CLOCK_SKEW_SECONDS", "0"))
     if skew:
         skew_wall_clock(skew)
-    return FaultSystem(Settings())
+    settings = Settings()
+    effects = Effects(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
+    router = build_router(
+        effects,
+        int(os.environ.get("FAULT_SEED", "0")),
+        float(os.environ.get("FAULT_KILL_RATE", "0.05")),
+    )
+    return PooledSystem(effects, router, settings)
 
 
 system = build_system()

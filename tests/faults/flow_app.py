@@ -20,16 +20,13 @@ Types (prefix ``flow``):
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import sys
-import threading
-import time
 from typing import Any
 
 import asyncpg
+from appkit import PooledSystem, prepare_process
 
-from pgoutbox import HandlerContext, Limit, Settings, WorkflowRouter, WorkflowSystem
+from pgoutbox import HandlerContext, Limit, Settings, WorkflowRouter
 
 THREE = Limit("flow.three", concurrency=3)
 RATED = Limit("flow.rated", rate="50/s", burst=5)
@@ -73,44 +70,11 @@ def build_router(intervals: Intervals) -> WorkflowRouter:
     return router
 
 
-class FlowSystem(WorkflowSystem):
-    """The worker, with the handlers' pool open while it runs."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.intervals = Intervals(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
-        super().__init__(router=build_router(self.intervals), settings=settings)
-
-    async def start(self) -> None:
-        await self.intervals.open()
-        try:
-            await super().start()
-        except BaseException:
-            await self.intervals.close()
-            raise
-
-    async def stop(self) -> None:
-        try:
-            await super().stop()
-        finally:
-            await self.intervals.close()
-
-
-def exit_when_orphaned(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(3)
-
-
-def build_system() -> FlowSystem:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING,
-        format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
-    parent = os.environ.get("FAULT_PARENT_PID")
-    if parent:
-        threading.Thread(target=exit_when_orphaned, args=(int(parent),), daemon=True).start()
-    return FlowSystem(Settings())
+def build_system() -> PooledSystem:
+    prepare_process()
+    settings = Settings()
+    intervals = Intervals(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
+    return PooledSystem(intervals, build_router(intervals), settings)
 
 
 system = build_system()

@@ -18,16 +18,13 @@ database's clock) through the app's own pool -- an external side effect, committ
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import sys
-import threading
-import time
 from typing import Any
 
 import asyncpg
+from appkit import PooledSystem, prepare_process
 
-from pgoutbox import HandlerContext, RetryPolicy, Settings, Snooze, WorkflowRouter, WorkflowSystem
+from pgoutbox import HandlerContext, RetryPolicy, Settings, Snooze, WorkflowRouter
 
 NO_WAIT = RetryPolicy(base_seconds=0, max_seconds=0, jitter=0)
 
@@ -95,44 +92,11 @@ def build_router(events: Events) -> WorkflowRouter:
     return router
 
 
-class RunningSystem(WorkflowSystem):
-    """The worker, with the handlers' pool open while it runs."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.events = Events(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
-        super().__init__(router=build_router(self.events), settings=settings)
-
-    async def start(self) -> None:
-        await self.events.open()
-        try:
-            await super().start()
-        except BaseException:
-            await self.events.close()
-            raise
-
-    async def stop(self) -> None:
-        try:
-            await super().stop()
-        finally:
-            await self.events.close()
-
-
-def exit_when_orphaned(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(3)
-
-
-def build_system() -> RunningSystem:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=logging.WARNING,
-        format=f"%(asctime)s [{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-    )
-    parent = os.environ.get("FAULT_PARENT_PID")
-    if parent:
-        threading.Thread(target=exit_when_orphaned, args=(int(parent),), daemon=True).start()
-    return RunningSystem(Settings())
+def build_system() -> PooledSystem:
+    prepare_process()
+    settings = Settings()
+    events = Events(settings, os.environ["FAULT_EFFECTS_SCHEMA"])
+    return PooledSystem(events, build_router(events), settings)
 
 
 system = build_system()
