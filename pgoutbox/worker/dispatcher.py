@@ -281,8 +281,9 @@ class Dispatcher:
                 # A limited operation takes a slot of its limit from its claim on: claim only
                 # what a handler will start now, or the slots would wait in this worker's
                 # queue while other workers' handlers stand idle.
-                idle = self._idle_handlers() - len(rows)
-                if len(rows) < limit and idle > 0 and self._gate.limited_types:
+                limited = len(rows) < limit and bool(self._gate.limited_types)
+                idle = self._idle_handlers() - len(rows) if limited else 0
+                if idle > 0:
                     leased, self._rate_wait = await self._gate.claim(
                         conn,
                         want=min(limit - len(rows), idle),
