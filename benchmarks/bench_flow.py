@@ -34,30 +34,39 @@ CHECKOUT = HERE.parent
 LIMITED_TYPE = "bench.limited"
 
 
-def drain_once(checkout: Path, n: int) -> dict[str, float]:
-    """ops/s per configuration of one bench_drain.py round run by ``checkout``'s code."""
+def drain_once(checkout: Path, n: int) -> dict[str, tuple[float, float]]:
+    """(ops/s, worker CPU us per op) per configuration of one bench_drain.py round run by
+    ``checkout``'s code."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run(
         [sys.executable, str(checkout / "benchmarks" / "bench_drain.py"), "--n", str(n),
          "--rounds", "1", "--latency-samples", "1"],
         cwd=checkout / "benchmarks", env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    found = re.findall(r"^  (defaults|batch 10|batch 100)\s+([\d,]+) ops/s", done.stdout, re.M)
-    return {name: float(value.replace(",", "")) for name, value in found}
+    found = re.findall(
+        r"^  (defaults|batch 10|batch 100)\s+([\d,]+) ops/s.*worker CPU (\d+) us", done.stdout, re.M
+    )
+    return {name: (float(rate.replace(",", "")), float(cpu)) for name, rate, cpu in found}
 
 
 def unlimited(baseline: Path, n: int, rounds: int) -> None:
-    results: dict[str, dict[str, list[float]]] = {"baseline": {}, "this checkout": {}}
-    for _ in range(rounds):
-        for label, checkout in (("baseline", baseline), ("this checkout", CHECKOUT)):
-            for name, value in drain_once(checkout, n).items():
-                results[label].setdefault(name, []).append(value)
+    rates: dict[str, dict[str, list[float]]] = {"baseline": {}, "this checkout": {}}
+    cpus: dict[str, dict[str, list[float]]] = {"baseline": {}, "this checkout": {}}
+    for round_ in range(rounds):
+        # Alternate which checkout goes first, so a drift in the machine's load is shared.
+        order = [("baseline", baseline), ("this checkout", CHECKOUT)][:: 1 if round_ % 2 else -1]
+        for label, checkout in order:
+            for name, (rate, cpu) in drain_once(checkout, n).items():
+                rates[label].setdefault(name, []).append(rate)
+                cpus[label].setdefault(name, []).append(cpu)
     print(f"drain of {n:,} no-op operations, no limit declared, median of {rounds} alternated")
-    for name in results["baseline"]:
-        base, this = median(results["baseline"][name]), median(results["this checkout"][name])
+    for name in rates["baseline"]:
+        base, this = median(rates["baseline"][name]), median(rates["this checkout"][name])
+        base_cpu, this_cpu = median(cpus["baseline"][name]), median(cpus["this checkout"][name])
         print(
             f"  {name:<10} baseline {base:>8,.0f} ops/s   this checkout {this:>8,.0f} ops/s   "
-            f"ratio {this / base:.3f}"
+            f"ratio {this / base:.3f};   worker CPU {base_cpu:.0f} / {this_cpu:.0f} us per op, "
+            f"ratio {this_cpu / base_cpu:.3f}"
         )
 
 

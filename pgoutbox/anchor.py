@@ -32,7 +32,7 @@ import base64
 import gzip
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -520,6 +520,40 @@ class Walker:
         self._broken = False
         self._matched_head = False
 
+    def start_from(self, start: Mapping[str, Any]) -> None:
+        """An archived operation: its chain continues after ``start``, the last row an archive
+        took (``archive_starts_page``: seq, hash, state, trigger, attempt, time, and what the
+        publication recorded), with the operation row as seq 1 would carry it. The rows that
+        follow, if any, are fed as usual."""
+        self._close()
+        published = {
+            "operation_type": start["operation_type"],
+            "actor": start["published_by"],
+            "recorded_at": start["published_at"],
+            "intent_hash": start["intent_hash"],
+        }
+        self._open({**start, **published})
+        seq, start_hash = start["seq"], bytes(start["hash"])
+        self._seq, self._hash, self._claims = seq, start_hash, start["attempt"]
+        self._prev = {
+            "seq": seq,
+            "to_state": start["to_state"],
+            "recorded_at": start["recorded_at"],
+        }
+        op_id, head = start["operation_id"], self._head
+        if head is not None and head.seq <= seq:
+            # Covered by the archive; the head itself is checkable when it is the last row.
+            if head.seq == seq and head.hash != start_hash:
+                self.problem(
+                    op_id,
+                    seq,
+                    "checkpoint",
+                    f"the archive's last row of this operation (seq {seq}) differs from the "
+                    "checkpoint's head: the archive's record was rewritten",
+                )
+                self._broken = True
+            self._matched_head = True
+
     def _check_row(self, row: Mapping[str, Any]) -> None:
         op_id, seq = row["operation_id"], row["seq"]
         prev = self._prev
@@ -791,35 +825,14 @@ async def verify_against_checkpoint(
     schema's triggers and functions (:mod:`pgoutbox.integrity`)."""
     from pgoutbox.integrity import check_schema_integrity
 
-    q = queries(schema)
     if checkpoint is not None and checkpoint.get("schema") != schema:
         raise CheckpointError(
             f"the checkpoint is of schema {checkpoint.get('schema')!r}, not {schema!r}: give "
             "--schema to verify the schema it was taken of"
         )
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        rules, purges, versions = await _rules_and_purges(conn, schema)
-        walker = Walker(heads=heads, checkpoint=checkpoint, rules=rules, purges=purges)
-        if checkpoint is not None:
-            _check_lifecycle_versions(walker, checkpoint, versions)
-        orphan = await q["operations_without_audit"].fetchval(conn)
-        after = (0, 0)
-        while True:
-            page = await q["anchor_audit_page"].fetch(
-                conn, after_operation_id=after[0], after_seq=after[1], limit=_PAGE
-            )
-            if not page:
-                break
-            for record in page:
-                walker.feed(dict(record))
-            after = (page[-1]["operation_id"], page[-1]["seq"])
-            if progress:
-                progress(walker.rows)
-        walker.finish()
+        walker = await walk(conn, schema, checkpoint, heads, progress=progress)
         integrity = tuple(await check_schema_integrity(conn, schema))
-    if orphan is not None:
-        walker.problems.append(AuditProblem(orphan, 1, "[chain] operation has no audit rows"))
-    walker.problems.sort(key=lambda p: (p.operation_id, p.seq))
     return AnchoredVerification(
         walker.operations,
         walker.rows,
@@ -828,6 +841,70 @@ async def verify_against_checkpoint(
         walker.covered,
         integrity,
     )
+
+
+async def archive_starts(conn: asyncpg.Connection, schema: str) -> AsyncIterator[dict[str, Any]]:
+    """Every archived operation's newest archive head (``archive_starts_page``), in operation
+    order, a page at a time."""
+    after = 0
+    while True:
+        page = await queries(schema)["archive_starts_page"].fetch(
+            conn, after_operation_id=after, limit=_PAGE
+        )
+        for record in page:
+            yield dict(record)
+        if len(page) < _PAGE:
+            return
+        after = page[-1]["operation_id"]
+
+
+async def walk(
+    conn: asyncpg.Connection,
+    schema: str,
+    checkpoint: Mapping[str, Any] | None,
+    heads: Iterator[Head] | None,
+    *,
+    since: datetime | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Walker:
+    """Feed a :class:`Walker` every audit chain in the current transaction's snapshot: each
+    archived operation from its archive head on, the rows recorded at or after ``since`` (all
+    when None) in (operation_id, seq) order. Returns it finished, its problems sorted."""
+    q = queries(schema)
+    rules, purges, versions = await _rules_and_purges(conn, schema)
+    walker = Walker(heads=heads, checkpoint=checkpoint, rules=rules, purges=purges)
+    if checkpoint is not None:
+        _check_lifecycle_versions(walker, checkpoint, versions)
+    orphan = await q["operations_without_audit"].fetchval(conn)
+    starts = archive_starts(conn, schema)
+    start = await anext(starts, None)
+    after = (0, 0)
+    while True:
+        page = await q["anchor_audit_page"].fetch(
+            conn,
+            after_operation_id=after[0],
+            after_seq=after[1],
+            since=since or datetime.min.replace(tzinfo=UTC),
+            limit=_PAGE,
+        )
+        if not page:
+            break
+        for record in page:
+            while start is not None and start["operation_id"] <= record["operation_id"]:
+                walker.start_from(start)
+                start = await anext(starts, None)
+            walker.feed(dict(record))
+        after = (page[-1]["operation_id"], page[-1]["seq"])
+        if progress:
+            progress(walker.rows)
+    while start is not None:
+        walker.start_from(start)
+        start = await anext(starts, None)
+    walker.finish()
+    if orphan is not None:
+        walker.problems.append(AuditProblem(orphan, 1, "[chain] operation has no audit rows"))
+    walker.problems.sort(key=lambda p: (p.operation_id, p.seq))
+    return walker
 
 
 def _check_lifecycle_versions(
@@ -982,6 +1059,14 @@ async def as_of(
     found: list[StateAt] = []
     before = 2**63 - 1
     async with conn.transaction(isolation="repeatable_read", readonly=True):
+        archived = await q["archive_latest"].fetchrow(conn)
+        if archived is not None and at < archived["before"]:
+            raise CheckpointError(
+                f"the audit rows recorded before {_iso(archived['before'])} were archived "
+                f"(archive {archived['id']}), so the log no longer holds every operation's state "
+                f"at {_iso(at)}: give an instant at or after {_iso(archived['before'])}, or "
+                "load the archive's CSV files into a scratch table and ask them"
+            )
         while True:
             page = await q["anchor_as_of"].fetch(
                 conn, before_operation_id=before, at=at, types=types or [], limit=_PAGE
@@ -1001,5 +1086,23 @@ async def as_of(
                 for r in page
             )
             before = page[-1]["operation_id"]
-    found.reverse()
+        if archived is not None:
+            # An operation whose every row by then was archived: its archive head's state.
+            seen = {state.operation_id for state in found}
+            async for start in archive_starts(conn, schema):
+                if start["operation_id"] not in seen and (
+                    not types or start["operation_type"] in types
+                ):
+                    found.append(
+                        StateAt(
+                            start["operation_id"],
+                            start["operation_type"],
+                            start["to_state"],
+                            start["seq"],
+                            start["trigger"],
+                            start["attempt"],
+                            start["recorded_at"],
+                        )
+                    )
+    found.sort(key=lambda state: state.operation_id)
     return HistoryAsOf(at, found)

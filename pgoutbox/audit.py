@@ -119,13 +119,15 @@ class AuditVerification:
 class _Chain:
     """The state of one operation's chain while its rows stream past."""
 
-    def __init__(self, first: dict[str, Any]) -> None:
+    def __init__(self, first: dict[str, Any], *, archived: bool = False) -> None:
+        """``first`` is the chain's first row, or with ``archived`` its archive head
+        (``archive_starts_page``): the chain goes on from the last row an archive took."""
         self.operation_id: int = first["operation_id"]
         self.head = (first["head_seq"], first["head_hash"]) if first["operation_exists"] else None
         self.current_state: str | None = first["current_state"]
-        self.seq = 0
-        self.hash: bytes | None = None
-        self.to_state: str | None = None
+        self.seq = first["seq"] if archived else 0
+        self.hash: bytes | None = bytes(first["hash"]) if archived else None
+        self.to_state: str | None = first["to_state"] if archived else None
 
     def add(self, row: dict[str, Any]) -> AuditProblem | None:
         expected_seq = self.seq + 1
@@ -198,11 +200,24 @@ async def verify_audit(
 async def _walk(
     conn: asyncpg.Connection, schema: str, progress: Callable[[int], None] | None
 ) -> AuditVerification:
+    from pgoutbox.anchor import archive_starts  # anchor imports this module
+
     q = queries(schema)
     orphan = await q["operations_without_audit"].fetchval(conn)
     rows = operations = 0
     problem: AuditProblem | None = None
     chain: _Chain | None = None
+    # Archived operations' chains go on from their archive heads (pgoutbox/archive.py).
+    starts = archive_starts(conn, schema)
+    start = await anext(starts, None)
+
+    def begin(first: dict[str, Any], archived: bool) -> AuditProblem | None:
+        nonlocal chain, operations
+        done = chain.close() if chain else None
+        chain = _Chain(first, archived=archived)
+        operations += 1
+        return done
+
     after = (0, 0)
     page_query = q["audit_log_page"]
     while problem is None:
@@ -213,19 +228,25 @@ async def _walk(
             break
         for record in page:
             row = dict(record)
-            if chain is None or chain.operation_id != row["operation_id"]:
-                problem = chain.close() if chain else None
-                if problem:
+            while problem is None and start is not None:
+                if start["operation_id"] > row["operation_id"]:
                     break
-                chain = _Chain(row)
-                operations += 1
-            problem = chain.add(row)
+                problem = begin(start, archived=True)
+                start = await anext(starts, None)
+            if problem is None and (chain is None or chain.operation_id != row["operation_id"]):
+                problem = begin(row, archived=False)
+            if problem is None:
+                assert chain is not None
+                problem = chain.add(row)
             if problem:
                 break
             rows += 1
         after = (page[-1]["operation_id"], page[-1]["seq"])
         if progress:
             progress(rows)
+    while problem is None and start is not None:
+        problem = begin(start, archived=True)
+        start = await anext(starts, None)
     if problem is None and chain is not None:
         problem = chain.close()
     if orphan is not None and (problem is None or orphan < problem.operation_id):
@@ -241,17 +262,20 @@ async def verify_operation_chain(
     there is neither the operation nor any audit row of it. Used by the web console's
     operation page; a full ``verify`` also checks the triggers that write the chains.
     """
+    q = queries(schema)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
-        records = await queries(schema)["web_audit_chain_of_operation"].fetch(
-            conn, operation_id=operation_id
-        )
+        records = await q["web_audit_chain_of_operation"].fetch(conn, operation_id=operation_id)
+        start = await q["archive_start_of_operation"].fetchrow(conn, operation_id=operation_id)
         if not records:
-            exists = await queries(schema)["operations_admin_get"].fetchrow(conn, id=operation_id)
-    if not records:
+            exists = await q["operations_admin_get"].fetchrow(conn, id=operation_id)
+    if start is not None:
+        chain = _Chain(dict(start), archived=True)
+    elif not records:
         if exists is None:
             return AuditVerification(0, 0, None)
         return AuditVerification(1, 0, AuditProblem(operation_id, 1, "operation has no audit rows"))
-    chain = _Chain(dict(records[0]))
+    else:
+        chain = _Chain(dict(records[0]))
     for record in records:
         problem = chain.add(dict(record))
         if problem:

@@ -204,16 +204,28 @@ def audit() -> None:
 @click.option("--public-key", type=click.Path(dir_okay=False), help="The checkpoint's key.")
 @click.option("--heads", type=click.Path(dir_okay=False), help="Default: the checkpoint's own.")
 @click.option("--rules", is_flag=True, help="Check every row's meaning too, without a checkpoint.")
+@click.option(
+    "--archive",
+    "archives",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="An archive's directory (repeatable): prove its files and where verification starts.",
+)
 @click.pass_obj
 def audit_verify(
-    obj: _Context, checkpoint: str | None, public_key: str | None, heads: str | None, rules: bool
+    obj: _Context,
+    checkpoint: str | None,
+    public_key: str | None,
+    heads: str | None,
+    rules: bool,
+    archives: tuple[str, ...],
 ) -> None:
     """Recompute every hash chain and check the schema's triggers and functions; exit 1
     naming the first bad operation and seq and every weakened trigger or function. With
     --checkpoint and --public-key (or --rules alone): every problem, each naming operation, seq
     and rule."""
-    if checkpoint is not None or public_key is not None or rules:
-        cli_audit.verify_against(obj, checkpoint, public_key, heads)  # pgoutbox/cli_audit.py
+    if checkpoint is not None or public_key is not None or rules or archives:
+        cli_audit.verify_against(obj, checkpoint, public_key, heads, archives)  # cli_audit.py
         return
     # A progress bar on stderr when it is a terminal (pgoutbox/cli_ops.py).
     result = cli_ops.run_verify(obj)

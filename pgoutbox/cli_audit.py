@@ -1,5 +1,6 @@
-"""``pgoutbox audit keygen | checkpoint | prove | check-proof | as-of``, and ``audit verify
---checkpoint``: the anchored audit (pgoutbox/anchor.py, docs/audit.md).
+"""``pgoutbox audit keygen | checkpoint | prove | check-proof | as-of | archive``, and ``audit
+verify --checkpoint / --archive``: the anchored audit (pgoutbox/anchor.py, pgoutbox/archive.py,
+docs/audit.md).
 
 Usage::
 
@@ -9,6 +10,8 @@ Usage::
     pgoutbox audit prove 1207 --checkpoint cp-2026-12-03.json -o proof-1207.json
     pgoutbox audit check-proof proof-1207.json --public-key audit.pub     # no database
     pgoutbox audit as-of 2026-11-30T12:00Z --type charge
+    pgoutbox audit archive --before 2026-10 -o /archive/2026-09 --key /secure/audit.key
+    pgoutbox audit verify --archive /archive/2026-09 --public-key audit.pub
 
 A checkpoint is two files: the signed JSON document and its heads file (``<name>.heads.gz``,
 one line per operation), kept together where the database's owner cannot write.
@@ -29,7 +32,8 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 import pgoutbox_proof as proof
-from pgoutbox import anchor
+from pgoutbox import anchor, archive
+from pgoutbox.audit import AuditProblem
 from pgoutbox.cli_errors import DATABASE_ERRORS, CliError, Refused, database_error
 from pgoutbox.db import create_pool
 from pgoutbox.settings import DatabaseSettings
@@ -168,15 +172,28 @@ def checkpoint(obj: _HasDatabase, key_path: str | None, output: str, no_record: 
 
 
 def verify_against(
-    obj: _HasDatabase, checkpoint_file: str | None, public_key: str | None, heads: str | None
+    obj: _HasDatabase,
+    checkpoint_file: str | None,
+    public_key: str | None,
+    heads: str | None,
+    archives: tuple[str, ...] = (),
 ) -> None:
     """``audit verify --checkpoint FILE --public-key KEY`` (or ``--rules`` alone, without a
-    checkpoint): exit 1 with one FAILED line per problem (operation, seq, rule), else one OK
-    line."""
-    if (checkpoint_file is None) != (public_key is None):
-        raise click.UsageError("--checkpoint FILE and --public-key KEY go together")
+    checkpoint; ``--archive DIR`` also proves each archive's files and the database's record of
+    it): exit 1 with one FAILED line per problem (operation, seq, rule), else one OK line."""
+    if public_key is None and (checkpoint_file is not None or archives):
+        raise click.UsageError("--checkpoint and --archive need --public-key KEY")
+    if checkpoint_file is None and public_key is not None and not archives:
+        raise click.UsageError("--public-key KEY goes with --checkpoint FILE or --archive DIR")
     document: dict[str, Any] | None = None
     head_stream: Iterator[anchor.Head] | None = None
+    manifests: list[dict[str, Any]] = []
+    if archives and public_key is not None:
+        key = _public_key(public_key)
+        try:
+            manifests = [archive.read_manifest(Path(d), key) for d in archives]
+        except anchor.CheckpointError as exc:
+            raise Refused(str(exc)) from None
     if checkpoint_file is not None and public_key is not None:
         key = _public_key(public_key)
         try:
@@ -192,9 +209,18 @@ def verify_against(
     bar, advance = _progress("verifying audit chains")
 
     async def walk(conn: asyncpg.Connection, schema: str) -> anchor.AnchoredVerification:
-        return await anchor.verify_against_checkpoint(
+        result = await anchor.verify_against_checkpoint(
             conn, schema, document, head_stream, progress=advance
         )
+        for manifest in manifests:
+            if manifest["schema"] != schema:
+                raise anchor.CheckpointError(
+                    f"archive {manifest['archive_id']} is of schema {manifest['schema']!r}, "
+                    f"not {schema!r}"
+                )
+            for failure in await archive.verify_archive_heads(conn, schema, manifest):
+                result.problems.append(AuditProblem(0, 0, f"[archive] {failure}"))
+        return result
 
     if bar is not None:
         with bar:
@@ -324,7 +350,55 @@ def as_of(obj: _HasDatabase, instant: str, types: tuple[str, ...], as_json: bool
         click.echo(f"  {state:<12} {count}")
 
 
+@click.command("archive")
+@click.option(
+    "--before",
+    "month",
+    required=True,
+    metavar="YYYY-MM",
+    help="Archive every month before this one (UTC): 2026-10 takes September and earlier.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="A new or empty directory for the CSV files, the checkpoint and the signed manifest.",
+)
+@click.option(
+    "--key",
+    "key_path",
+    type=click.Path(dir_okay=False),
+    help="The Ed25519 private key (PEM); default: the PGOUTBOX_AUDIT_KEY environment variable.",
+)
+@click.pass_obj
+def archive_command(obj: _HasDatabase, month: str, output: str, key_path: str | None) -> None:
+    """Export the audit log's months before YYYY-MM to CSV files with a signed checkpoint
+    covering them, verify the export and what is left against it, then drop those months'
+    partitions. Run as the schema's owner; store DIR where the owner cannot write."""
+    try:
+        before = archive.parse_month(month)
+        key = anchor.private_key_from(key_path)
+    except (archive.ArchiveError, anchor.CheckpointError) as exc:
+        raise CliError(str(exc)) from None
+
+    async def run(conn: asyncpg.Connection, schema: str) -> archive.ArchiveResult:
+        return await archive.archive(
+            conn, schema, before, Path(output), key, progress=lambda m: click.echo(m, err=True)
+        )
+
+    try:
+        result = _run(obj, run)
+    except archive.ArchiveError as exc:
+        raise Refused(str(exc)) from None
+    click.echo(
+        f"archive {result.archive_id}: {result.rows} audit rows of {result.operations} "
+        f"operations recorded before {before:%Y-%m-%d} ({', '.join(result.partitions)}) are in "
+        f"{result.directory}, verified, and dropped from the database"
+    )
+
+
 def register(audit: click.Group) -> None:
     """Add the anchored audit's commands to the ``audit`` group."""
-    for command in (keygen, checkpoint, prove, check_proof, as_of):
+    for command in (keygen, checkpoint, prove, check_proof, as_of, archive_command):
         audit.add_command(command)

@@ -175,12 +175,19 @@ class IntegrityProblem:
 
 # -- reading the catalog -------------------------------------------------------------------------
 
+# A partition's copy of its table's trigger (tgparentid) is reported as the table's (the
+# partition's name in its definition made the table's): one line per trigger whatever the number
+# of partitions, unless a copy differs from the table's, which is then reported instead.
 _TRIGGERS = """
 SELECT c.relname, t.tgname, t.tgenabled::pg_catalog.text AS tgenabled,
-       pg_catalog.pg_get_triggerdef(t.oid, true) AS definition
+       pg_catalog.pg_get_triggerdef(t.oid, true) AS definition,
+       pt.relname AS parent
 FROM pg_catalog.pg_trigger t
 JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.tgrelid
 JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+LEFT JOIN pg_catalog.pg_trigger parent_trigger
+    ON parent_trigger.oid OPERATOR(pg_catalog.=) t.tgparentid
+LEFT JOIN pg_catalog.pg_class pt ON pt.oid OPERATOR(pg_catalog.=) parent_trigger.tgrelid
 WHERE n.nspname OPERATOR(pg_catalog.=) $1 AND NOT t.tgisinternal
 """
 
@@ -319,16 +326,30 @@ async def read_schema_state(conn: asyncpg.Connection, schema: str) -> SchemaStat
         )
         for r in row_security
     ]
+    states: dict[tuple[str, str], TriggerState] = {}
+    copies = []
+    for t in sorted(triggers, key=lambda t: (t["relname"], t["tgname"])):
+        state = TriggerState(
+            table=t["relname"],
+            name=t["tgname"],
+            enabled=_ENABLED_WORDS.get(t["tgenabled"], t["tgenabled"]),
+            definition=norm(t["definition"]),
+        )
+        if t["parent"] is None:
+            states[_trigger_key(state)] = state
+        else:
+            copies.append((t["parent"], state))
+    for parent, copy in copies:
+        as_parent = TriggerState(
+            table=parent,
+            name=copy.name,
+            enabled=copy.enabled,
+            definition=copy.definition.replace(f" ON {copy.table} ", f" ON {parent} ", 1),
+        )
+        if states.get(_trigger_key(as_parent)) != as_parent:
+            states[_trigger_key(as_parent)] = as_parent
     return SchemaState(
-        triggers=tuple(
-            TriggerState(
-                table=t["relname"],
-                name=t["tgname"],
-                enabled=_ENABLED_WORDS.get(t["tgenabled"], t["tgenabled"]),
-                definition=norm(t["definition"]),
-            )
-            for t in sorted(triggers, key=lambda t: (t["relname"], t["tgname"]))
-        ),
+        triggers=tuple(sorted(states.values(), key=_trigger_key)),
         functions=tuple(
             FunctionState(
                 signature=norm(f["identity"]),

@@ -97,6 +97,8 @@ def grant_statements(schema: str, *, with_version_table: bool = True) -> Grants:
         f"GRANT SELECT, INSERT, UPDATE ON {s}.flow_limits TO {{role}}",
         f"GRANT SELECT ON {s}.flow_overrides, {s}.flow_pauses TO {{role}}",
         f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.flow_buckets TO {{role}}",
+        # The audit log's monthly partitions, made ahead by each worker (revision 0014).
+        f"GRANT EXECUTE ON FUNCTION {s}.audit_log_add_partitions(integer) TO {{role}}",
     ]
     if with_version_table:
         worker.append(f"GRANT SELECT ON {s}.{VERSION_TABLE} TO {{role}}")

@@ -31,7 +31,8 @@ live in the migrations. Usage::
     ``operation_id``, ``seq`` (1, 2, 3... per operation; the primary key with ``operation_id``),
     ``operation_type``, ``from_state`` (NULL on creation), ``to_state``, ``trigger``, ``attempt``,
     ``actor``, ``detail``, ``recorded_at`` (DB clock), ``prev_hash``, ``hash``, ``db_role``,
-    ``intent_hash`` (seq 1: the recorded intent's sha256).
+    ``intent_hash`` (seq 1: the recorded intent's sha256). Partitioned by month of
+    ``recorded_at`` in UTC (``audit_log_y2026m12``, and ``audit_log_default``).
 
 ``<schema>.lifecycle_transitions`` -- the allowed state changes per lifecycle:
     ``lifecycle``, ``from_state``, ``trigger``, ``to_state``.
@@ -56,6 +57,12 @@ live in the migrations. Usage::
     checkpoint``), for convenience only: ``taken_at``, ``size``, ``covered_rows``, ``root``,
     ``key_id``, ``document``, ``recorded_by``, ``recorded_at``.
 
+``<schema>.audit_archives``, ``audit_archive_heads`` -- each ``pgoutbox audit archive``
+    (``before``, ``partitions``, ``rows``, ``operations``, a copy of the signed ``checkpoint``),
+    and per archived operation its last archived row (``seq``, ``hash``, ``to_state``,
+    ``trigger``, ``attempt``, ``recorded_at``) with what its publication recorded
+    (``operation_type``, ``created_by``, ``created_at``, ``intent_hash``).
+
 ``<schema>.flow_limits``, ``flow_overrides``, ``flow_pauses``, ``flow_buckets`` -- flow control
     (docs/flow-control.md): the limits routers declare, operators' overrides of them (newest per
     limit in force; kept for ever), pauses (open while ``resumed_at`` is NULL; a resume closes
@@ -72,6 +79,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     Double,
+    ForeignKeyConstraint,
     Identity,
     Index,
     Integer,
@@ -313,9 +321,12 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
             comment="seq 1 (from revision 0013): sha256 of the operation's recorded intent; "
             "covered by the row's hash.",
         ),
-        PrimaryKeyConstraint("operation_id", "seq", name="audit_log_pkey"),
+        # The partition key is part of every key of a partitioned table; the triggers write one
+        # row per (operation_id, seq), holding the operation's row lock.
+        PrimaryKeyConstraint("operation_id", "seq", "recorded_at", name="audit_log_pkey"),
         comment="Append-only: one row per state change, written by trigger, sha256-chained per "
-        "operation.",
+        "operation; partitioned by month of recorded_at (UTC).",
+        postgresql_partition_by="RANGE (recorded_at)",
     )
     Index("audit_log_recorded_at", audit_log.c.recorded_at)
 
@@ -501,6 +512,49 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         "trust (the signed files are).",
     )
     Index("audit_checkpoints_taken_at", audit_checkpoints.c.taken_at)
+
+    Table(
+        "audit_archives",
+        metadata,
+        Column("id", BigInteger, Identity(always=True), nullable=False),
+        Column("before", _timestamptz(), nullable=False),
+        Column("partitions", ARRAY(Text), nullable=False),
+        Column("rows", BigInteger, nullable=False),
+        Column("operations", BigInteger, nullable=False),
+        Column("checkpoint", JSONB, nullable=False),
+        Column("archived_by", Text, nullable=False, server_default=text("CURRENT_USER")),
+        Column(
+            "archived_at", _timestamptz(), nullable=False, server_default=text("clock_timestamp()")
+        ),
+        PrimaryKeyConstraint("id", name="audit_archives_pkey"),
+        CheckConstraint("rows >= 0", name="audit_archives_rows_check"),
+        CheckConstraint("operations >= 0", name="audit_archives_operations_check"),
+        comment="One row per `pgoutbox audit archive`: every audit row recorded before `before` "
+        "was exported, verified and dropped.",
+    )
+    Table(
+        "audit_archive_heads",
+        metadata,
+        Column("operation_id", BigInteger, nullable=False),
+        Column("archive_id", BigInteger, nullable=False),
+        Column("seq", Integer, nullable=False),
+        Column("hash", BYTEA, nullable=False),
+        Column("to_state", Text, nullable=False),
+        Column("trigger", Text, nullable=False),
+        Column("attempt", Integer, nullable=False),
+        Column("recorded_at", _timestamptz(), nullable=False),
+        Column("operation_type", Text, nullable=False),
+        Column("created_by", Text, nullable=False),
+        Column("created_at", _timestamptz(), nullable=False),
+        Column("intent_hash", BYTEA, nullable=True),
+        PrimaryKeyConstraint("operation_id", "archive_id", name="audit_archive_heads_pkey"),
+        ForeignKeyConstraint(
+            ["archive_id"], ["audit_archives.id"], name="audit_archive_heads_archive_id_fkey"
+        ),
+        CheckConstraint("seq >= 1", name="audit_archive_heads_seq_check"),
+        comment="Per archived operation: its last archived audit row, and what its publication "
+        "recorded; where verification of the rows left starts.",
+    )
     return metadata
 
 

@@ -479,6 +479,8 @@ LIMIT :limit;
 -- Operations whose chain has no first row at all.
 SELECT o.id FROM {s}.operations o
 WHERE NOT EXISTS (SELECT 1 FROM {s}.audit_log a WHERE a.operation_id = o.id AND a.seq = 1)
+  -- seq 1 of an archived operation is in its archive
+  AND NOT EXISTS (SELECT 1 FROM {s}.audit_archive_heads h WHERE h.operation_id = o.id)
 ORDER BY o.id
 LIMIT 1;
 
@@ -1169,9 +1171,61 @@ SELECT a.operation_id, a.seq, a.operation_type, a.from_state, a.to_state, a.trig
 FROM {s}.audit_log a
 LEFT JOIN {s}.operations o
     ON o.id = a.operation_id AND a.seq = 1 AND o.id >= :after_operation_id  -- see audit_log_page
-WHERE (a.operation_id, a.seq) > (:after_operation_id, :after_seq)
+WHERE (a.operation_id, a.seq) > (:after_operation_id, :after_seq) AND a.recorded_at >= :since
 ORDER BY a.operation_id, a.seq
 LIMIT :limit;
+
+-- name: archive_starts_page
+-- Where each archived operation's chain continues: its newest archive head (the last archived
+-- row and what its publication recorded), with the operation row as anchor_audit_page gives it
+-- for seq 1, in operation order after a keyset position.
+SELECT DISTINCT ON (h.operation_id) h.operation_id, h.archive_id, h.seq, h.hash, h.to_state,
+       h.trigger, h.attempt, h.recorded_at, h.operation_type, h.created_by AS published_by,
+       h.created_at AS published_at, h.intent_hash,
+       o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
+       o.state AS current_state, o.lifecycle, o.channel, CAST(o.payload AS text) AS payload,
+       o.idempotency_key, o.created_by, o.created_at, o.operation_type AS current_type
+FROM {s}.audit_archive_heads h
+LEFT JOIN {s}.operations o ON o.id = h.operation_id
+WHERE h.operation_id > :after_operation_id
+ORDER BY h.operation_id, h.archive_id DESC
+LIMIT :limit;
+
+-- name: archive_start_of_operation
+-- archive_starts_page for one operation (none when it was never archived).
+SELECT h.operation_id, h.archive_id, h.seq, h.hash, h.to_state, h.trigger, h.attempt,
+       h.recorded_at, h.operation_type, h.created_by AS published_by,
+       h.created_at AS published_at, h.intent_hash,
+       o.id IS NOT NULL AS operation_exists, o.audit_seq AS head_seq, o.audit_hash AS head_hash,
+       o.state AS current_state
+FROM {s}.audit_archive_heads h
+LEFT JOIN {s}.operations o ON o.id = h.operation_id
+WHERE h.operation_id = :operation_id
+ORDER BY h.archive_id DESC
+LIMIT 1;
+
+-- name: archive_latest
+-- The newest archive: every audit row recorded before `before` is in it or an older one.
+SELECT id, before, partitions, rows, operations FROM {s}.audit_archives
+ORDER BY id DESC LIMIT 1;
+
+-- name: archive_partitions
+-- audit_log's partitions, with their bounds as text (UTC) and how many rows each holds is not
+-- counted here (that reads them all).
+SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = CAST('{s}.audit_log' AS regclass)
+ORDER BY c.relname;
+
+-- name: archive_record
+-- Record an archive (the heads follow by COPY).
+INSERT INTO {s}.audit_archives (before, partitions, rows, operations, checkpoint)
+VALUES (:before, CAST(:partitions AS text[]), :rows, :operations, CAST(:checkpoint AS jsonb))
+RETURNING id;
+
+-- name: audit_log_add_partitions
+-- This month's and the next months' audit_log partitions, made where missing.
+SELECT {s}.audit_log_add_partitions(:months_ahead);
 
 -- name: anchor_record_checkpoint
 -- Keep a copy of a signed checkpoint (for convenience: nothing trusts it).

@@ -1,7 +1,8 @@
-"""A worker's maintenance services: retention purges (``workflow_system.retention_days``, at
-the end) and audit checkpoints: a signed checkpoint of the audit log every N minutes
-(``workflow_system.audit_checkpoint_minutes``), written to a directory the user ships somewhere
-the database's owner cannot write (docs/audit.md).
+"""A worker's maintenance services: the audit log's monthly partitions (made ahead; at the
+end), retention purges (``workflow_system.retention_days``) and audit checkpoints: a signed
+checkpoint of the audit log every N minutes (``workflow_system.audit_checkpoint_minutes``),
+written to a directory the user ships somewhere the database's owner cannot write
+(docs/audit.md).
 
 One at a time per schema across workers (a session advisory lock), and a round finds nothing
 to do when the directory already holds a checkpoint younger than the interval (workers sharing
@@ -139,3 +140,43 @@ class RetentionService(Service):
         if result.deleted:
             log.info("retention: purged %d finished operations", result.deleted)
         return int(result.deleted)
+
+
+class PartitionService(Service):
+    """Makes ``audit_log``'s monthly partitions (revision 0014) for this month and the next
+    :attr:`MONTHS_AHEAD`, once an hour in every worker: a month's rows never wait on DDL and
+    never land in the default partition. A partition another worker made already is left as
+    it is; one whose lock is busy for 2 s is made in a later round. The worker's role needs
+    ``pgoutbox db grant --worker`` of revision 0014 or later."""
+
+    name = "audit-partitions"
+    MONTHS_AHEAD = 3
+
+    def __init__(self, pool: asyncpg.Pool, schema: str, interval: float = 3600.0) -> None:
+        super().__init__(interval)
+        self._pool, self._schema = pool, schema
+        self._warned = False
+
+    async def run_once(self) -> int:
+        """Make the partitions missing now; how many were made."""
+        try:
+            async with self._pool.acquire() as conn:
+                made = await queries(self._schema)["audit_log_add_partitions"].fetchval(
+                    conn, months_ahead=self.MONTHS_AHEAD
+                )
+        except asyncpg.LockNotAvailableError:
+            return 0
+        except asyncpg.InsufficientPrivilegeError as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "audit-partitions: this worker's role may not make audit_log's monthly "
+                    "partitions (%s): run `pgoutbox db grant --worker ROLE` again after the "
+                    "upgrade; until then rows of months without a partition go to "
+                    "audit_log_default, which `audit archive` cannot take",
+                    exc,
+                )
+            return 0
+        if made:
+            log.info("audit-partitions: made %d monthly partitions of audit_log", made)
+        return int(made)

@@ -21,10 +21,17 @@ from pgoutbox.db import (
 from pgoutbox.router import RouterError, WorkflowRouter
 from pgoutbox.settings import Settings
 from pgoutbox.sql import queries
-from pgoutbox.worker.checkpoints import CheckpointService, RetentionService, checkpoint_service
+from pgoutbox.worker.checkpoints import (
+    CheckpointService,
+    PartitionService,
+    RetentionService,
+    checkpoint_service,
+)
 from pgoutbox.worker.dispatcher import Dispatcher
 from pgoutbox.worker.services import Heartbeat, Listener, Rescuer
 from pgoutbox.worker.sync_handlers import SyncHandlers
+
+_Service = Heartbeat | Rescuer | Listener | CheckpointService | RetentionService | PartitionService
 
 log = logging.getLogger("pgoutbox.worker")
 
@@ -59,9 +66,7 @@ class WorkflowSystem:
         fingerprint = worker_key_fingerprint(self._worker_key)
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{fingerprint}"
         self._dispatcher: Dispatcher | None = None
-        self._services: list[
-            Heartbeat | Rescuer | Listener | CheckpointService | RetentionService
-        ] = []
+        self._services: list[_Service] = []
         self._engine: AsyncEngine | None = None
         self._sync: SyncHandlers | None = None  # the threads of `def` handlers
 
@@ -75,7 +80,10 @@ class WorkflowSystem:
     @property
     def services(
         self,
-    ) -> dict[str, Heartbeat | Rescuer | Listener | CheckpointService | RetentionService]:
+    ) -> dict[
+        str,
+        Heartbeat | Rescuer | Listener | CheckpointService | RetentionService | PartitionService,
+    ]:
         """The running background services by name."""
         return {service.name: service for service in self._services}
 
@@ -165,6 +173,7 @@ class WorkflowSystem:
                     on_cancel=heartbeat.kick,
                 )
             )
+        self._services.append(PartitionService(self._pool, db.schema_name))
         if make_checkpoints is not None:
             self._services.append(make_checkpoints(self._pool, db.schema_name))
         if ws.retention_days is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -43,7 +44,12 @@ PGOUTBOX_TABLES = {
     "flow_pauses",
     "flow_buckets",
     "audit_checkpoints",
+    "audit_archives",
+    "audit_archive_heads",
 }
+# audit_log's partitions (one per month, made ahead, and the default one) are not listed: how
+# many there are depends on the day the tests run.
+AUDIT_PARTITION = re.compile(r"^audit_log_(y\d{4}m\d{2}|default)$")
 # The triggers that make the audit log the database's, not the application's. Every one is
 # ENABLE ALWAYS (tgenabled 'A'), so session_replication_role = replica does not switch it off.
 PGOUTBOX_TRIGGERS = {
@@ -63,6 +69,10 @@ PGOUTBOX_TRIGGERS = {
     ("audit_log", "audit_log_no_truncate"),
     ("flow_overrides", "flow_overrides_history"),
     ("flow_pauses", "flow_pauses_history"),
+    ("audit_archives", "audit_archives_append_only"),
+    ("audit_archives", "audit_archives_no_truncate"),
+    ("audit_archive_heads", "audit_archive_heads_append_only"),
+    ("audit_archive_heads", "audit_archive_heads_no_truncate"),
 }
 
 
@@ -80,20 +90,32 @@ async def run_sync(settings: DatabaseSettings, fn: Callable[..., T], *args: Any)
 
 
 def table_names(connection: Connection, schema: str) -> set[str]:
-    return set(inspect(connection).get_table_names(schema=schema))
+    """The schema's tables, audit_log's partitions left out."""
+    partitions = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = :schema AND c.relispartition"
+        ),
+        {"schema": schema},
+    ).scalars()
+    return set(inspect(connection).get_table_names(schema=schema)) - set(partitions)
 
 
-async def triggers(conn: asyncpg.Connection, schema: str) -> dict[tuple[str, str], str]:
-    """``(table, trigger) -> tgenabled`` for the user triggers in ``schema``."""
+async def triggers(
+    conn: asyncpg.Connection, schema: str, *, partitions: bool = False
+) -> dict[tuple[str, str], str]:
+    """``(table, trigger) -> tgenabled`` for the user triggers in ``schema``: of its tables, or
+    with ``partitions`` of audit_log's partitions only."""
     rows = await conn.fetch(
         """
         SELECT c.relname, t.tgname, t.tgenabled::text
         FROM pg_trigger t
         JOIN pg_class c ON c.oid = t.tgrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = $1 AND NOT t.tgisinternal
+        WHERE n.nspname = $1 AND NOT t.tgisinternal AND c.relispartition = $2
         """,
         schema,
+        partitions,
     )
     return {(r["relname"], r["tgname"]): r["tgenabled"] for r in rows}
 
@@ -262,8 +284,8 @@ def _compare_with_schema_py(connection: Connection, schema: str) -> list[Any]:
     def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
         if type_ == "schema":
             return name == schema  # the default schema arrives as None and is skipped
-        if type_ == "table":
-            return name != migrations.VERSION_TABLE
+        if type_ == "table":  # audit_log's monthly partitions are not schema.py's tables
+            return name != migrations.VERSION_TABLE and not AUDIT_PARTITION.match(name or "")
         return True
 
     context = MigrationContext.configure(
@@ -296,14 +318,16 @@ _CATALOG_QUERIES = {
         JOIN pg_class c ON c.oid = a.attrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-        WHERE n.nspname = $1 AND c.relkind = 'r' AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+          AND a.attnum > 0 AND NOT a.attisdropped
           AND c.relname <> 'alembic_version'
         ORDER BY 1, 2
     """,
     "tables": """
         SELECT c.relname, obj_description(c.oid, 'pg_class') AS comment
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = $1 AND c.relkind = 'r' AND c.relname <> 'alembic_version'
+        WHERE n.nspname = $1 AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+          AND c.relname <> 'alembic_version'
         ORDER BY 1
     """,
     "constraints": """
@@ -311,14 +335,17 @@ _CATALOG_QUERIES = {
         FROM pg_constraint con
         JOIN pg_class c ON c.oid = con.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = $1 AND c.relname <> 'alembic_version'
+        WHERE n.nspname = $1 AND c.relname <> 'alembic_version' AND NOT c.relispartition
         ORDER BY 1, 2
     """,
     # indexdef names the schema; it is replaced by a placeholder before comparing.
     "indexes": """
-        SELECT tablename, indexname, indexdef
-        FROM pg_indexes
-        WHERE schemaname = $1 AND tablename <> 'alembic_version'
+        SELECT c.relname AS tablename, i.relname AS indexname, pg_get_indexdef(i.oid) AS indexdef
+        FROM pg_index x
+        JOIN pg_class c ON c.oid = x.indrelid
+        JOIN pg_class i ON i.oid = x.indexrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = $1 AND c.relname <> 'alembic_version' AND NOT c.relispartition
         ORDER BY 1, 2
     """,
 }
@@ -373,6 +400,13 @@ async def test_migration_creates_the_audit_triggers_enabled_always(
     found = await triggers(conn, db_settings.schema_name)
     assert set(found) == PGOUTBOX_TRIGGERS
     assert set(found.values()) == {"A"}
+    # Every partition of audit_log has the table's row trigger, enabled always too (the
+    # statement trigger refusing TRUNCATE is the table's alone: PostgreSQL copies row triggers).
+    on_partitions = await triggers(conn, db_settings.schema_name, partitions=True)
+    names = {table for table, _ in on_partitions}
+    assert "audit_log_default" in names and len(names) >= 4  # this month, three ahead
+    assert set(on_partitions) == {(table, "audit_log_append_only") for table in names}
+    assert set(on_partitions.values()) == {"A"}
 
 
 async def test_migration_seeds_the_default_lifecycle(
