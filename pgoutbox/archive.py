@@ -306,6 +306,14 @@ async def archive(
     q = queries(schema)
     s = quote_schema(schema)
     say = progress or (lambda _: None)
+    if before != parse_month(f"{before.astimezone(UTC):%Y-%m}"):
+        raise ArchiveError(f"{before.isoformat()} is not the first instant of a month in UTC")
+    now: datetime = await conn.fetchval("SELECT now()")
+    if before > now:
+        raise ArchiveError(
+            f"rows are still being recorded before {before:%Y-%m-%d}: give a month up to "
+            f"{now.astimezone(UTC):%Y-%m} (the current one takes every month before it)"
+        )
     latest = await q["archive_latest"].fetchrow(conn)
     if latest is not None and before <= latest["before"]:
         raise ArchiveError(
