@@ -430,6 +430,8 @@ class Dispatcher:
     # -- run ---------------------------------------------------------------------------------
 
     async def _work_loop(self) -> None:
+        task = asyncio.current_task()  # this loop's, asked once (not per attempt)
+        assert task is not None
         while True:
             op = await self._queue.get()
             if not self._claiming:
@@ -438,14 +440,13 @@ class Dispatcher:
             # Checked per operation, not once: the metrics can be switched off (tests do).
             metrics = observability.metrics
             started = time.perf_counter() if metrics is not None else 0.0
-            outcome = await self._executor.attempt(op, self._traced)
+            outcome = await self._executor.attempt(op, self._traced, task)
             if metrics is not None:
                 metrics.observe_attempt(op.operation_type, time.perf_counter() - started)
             op.finished = True
             self._outcomes.append(outcome)
             self._record_wake.set()
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if task.cancelling():
                 # stop() cancelled this loop, and the handler returned anyway (a def handler's
                 # thread is waited for; an async one may catch it): its outcome is recorded by
                 # stop()'s last flush, and the loop ends as stop() asked.

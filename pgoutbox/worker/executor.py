@@ -43,22 +43,27 @@ class Executor:
         self._q, self._settings, self.worker_id = queries, settings, worker_id
         self._sessions, self._sync = sessions, sync_handlers
 
-    async def attempt(self, op: Claimed, traced: bool) -> Outcome:
+    async def attempt(
+        self, op: Claimed, traced: bool, task: asyncio.Task[Any] | None = None
+    ) -> Outcome:
         """Run one attempt under its timeout, stoppable by an operator's cancel: the three
         kinds of cancellation are told apart here (running.py). Runs in the work loop's own
-        task, not one per attempt: a task per attempt costs the hot path."""
+        task, not one per attempt: a task per attempt costs the hot path. The loop passes its
+        task in (``task``; None: looked up here), so it is not looked up per attempt."""
         if op.abort is not None:  # requested while it was queued: nothing ran
             return Outcome(op, Aborted(f"{self.worker_id} cancelled it before its handler ran"))
         timeout = op.spec.timeout_seconds or self._settings.handler_timeout_seconds
         if self._sync is not None and self._sync.handles(op.spec):
             timeout = None  # a thread cannot be interrupted (the router refuses timeout=)
-        op.task = asyncio.current_task()
+        op.task = task if task is not None else asyncio.current_task()
         try:
+            # Untraced, the usual case, the handler's coroutine is awaited without the
+            # _execute frame in between (a coroutine more per attempt costs the hot path).
             if timeout is None:  # the usual case: asyncio.timeout(None) costs ~3 us an attempt
-                outcome = await self._execute(op, traced)
+                outcome = await (self._execute(op) if traced else self._run(op))
             else:
                 async with asyncio.timeout(timeout):
-                    outcome = await self._execute(op, traced)
+                    outcome = await (self._execute(op) if traced else self._run(op))
             if op.abort is not None and op.task is not None:
                 # Asked to stop, it finished anyway (it caught the CancelledError abort() sent
                 # and returned): its real outcome stands, and the cancel is counted off this
@@ -82,10 +87,8 @@ class Executor:
         finally:
             op.task = None
 
-    async def _execute(self, op: Claimed, traced: bool) -> Outcome:
-        """Run one attempt: in its trace span when tracing is on."""
-        if not traced:
-            return await self._run(op)
+    async def _execute(self, op: Claimed) -> Outcome:
+        """Run one attempt in its trace span (tracing is on)."""
         with observability.attempt_span(op, self.worker_id) as span:
             outcome = await self._run(op)
             if outcome.error is not None:
