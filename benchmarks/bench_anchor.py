@@ -22,8 +22,10 @@ one schema at 0012_running_controls and one at head, in the same run, alternatin
 B), ``n`` operations published in batches and ``n / 10`` one per transaction; the ratio is
 head / 0012 throughput.
 
-``--migrate-rows N`` fills a schema at 0012_running_controls with N audit rows and times its
-upgrade in place to 0013_anchored_audit (a nullable column and three functions: no rewrite).
+``--migrate-rows N [--migrate-from REVISION]`` fills a schema at REVISION (default
+0013_anchored_audit) with N audit rows and times its upgrade in place to head: from 0013, the
+copy of audit_log into its monthly partitions (0014_partitioned_audit); from 0012, also 0013's
+nullable column and three functions (no rewrite).
 """
 
 from __future__ import annotations
@@ -148,18 +150,21 @@ async def publish_cost(n: int, rounds: int) -> None:
         )
 
 
-async def migrate_cost(rows: int) -> None:
+async def migrate_cost(rows: int, from_revision: str) -> None:
     async with bench_database() as db:
         conn = await asyncpg.connect(bench_dsn())
         await conn.execute(f'DROP SCHEMA "{db.schema_name}" CASCADE')
         await conn.close()
-        await migrations.upgrade(db, "0012_running_controls")
+        await migrations.upgrade(db, from_revision)
         operations = -(-rows // 3)
         await fill(bench_dsn(), db.schema_name, operations, CHANNEL)
         start = time.perf_counter()
         await migrations.upgrade(db)
         elapsed = time.perf_counter() - start
-    print(f"upgrade 0012 -> 0013 of {operations * 3:,} audit rows in place: {elapsed:.2f} s")
+    print(
+        f"upgrade {from_revision} -> {migrations.head_revision()} of {operations * 3:,} audit "
+        f"rows in place: {elapsed:.2f} s"
+    )
 
 
 async def main() -> None:
@@ -169,9 +174,10 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--migrate-rows", type=int)
+    parser.add_argument("--migrate-from", default="0013_anchored_audit")
     args = parser.parse_args()
     if args.migrate_rows:
-        await migrate_cost(args.migrate_rows)
+        await migrate_cost(args.migrate_rows, args.migrate_from)
         return
     if args.publish_cost:
         await publish_cost(args.n, args.rounds)

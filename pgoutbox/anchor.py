@@ -969,6 +969,12 @@ async def prove(
             conn, operation_id=operation_id, seq=target.seq
         )
         intents = await q["anchor_intents"].fetch(conn, ids=[operation_id])
+    if not rows or rows[0]["seq"] != 1:
+        raise CheckpointError(
+            f"operation {operation_id}'s audit rows from seq 1 are no longer in the database "
+            "(archived: `pgoutbox audit archive`); its proof is the archive's files with the "
+            "checkpoint taken with them"
+        )
     intent: dict[str, Any] | None = None
     if target.intent is not None:
         if not intents:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,13 @@ from pgoutbox.audit import verify_chains, verify_operation_chain
 from pgoutbox.settings import DatabaseSettings
 
 PGOUTBOX = Path(sys.executable).parent / "pgoutbox"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 BACK = timedelta(days=62)  # two months or a little more: a month before this one
+
+
+def _shape(line: str) -> str:
+    """A line with its numbers, months, paths and how many partitions set aside."""
+    return re.sub(r"\S*/\S*|[\d-]+", "N", line).replace(", audit_log_yNmN", "")
 
 
 def this_month() -> datetime:
@@ -131,6 +138,8 @@ async def test_archive_exports_checks_and_drops_and_verification_crosses_the_bou
     heads = anchor.read_heads(anchor.heads_path_for(own))
     assert (await anchor.verify_against_checkpoint(conn, s, document, heads)).ok
     assert await archive.verify_archive_heads(conn, s, manifest) == []
+    with pytest.raises(anchor.CheckpointError, match="no longer in the database"):
+        await anchor.prove(conn, s, ids["ongoing"], document, anchor.heads_path_for(own))
     one = await verify_operation_chain(conn, s, ids["ongoing"])
     assert one.ok
     assert one.rows == 3
@@ -307,6 +316,11 @@ async def test_cli_archive_and_verify_archive(
     )  # fmt: skip
     assert code == 0, err
     assert out.startswith("archive 1: 14 audit rows of 5 operations recorded before ")
+    # docs/audit.md shows this line (with its own numbers and months).
+    documented = next(
+        line for line in DOC.read_text().splitlines() if line.startswith("archive 1: ")
+    )
+    assert _shape(out.strip()) == _shape(documented)
     code, out, err = await cli(
         "audit", "verify", "--archive", str(out_dir), "--public-key", str(tmp_path / "audit.pub")
     )

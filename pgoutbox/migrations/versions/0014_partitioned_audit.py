@@ -9,9 +9,9 @@ Create Date: 2026-12-03
 partitioning, one partition per calendar month in UTC, ``audit_log_y2026m12``), so that
 ``pgoutbox audit archive --before MONTH`` can export whole months, verify the export against a
 signed checkpoint, and detach and drop them (docs/audit.md). The upgrade copies the existing
-rows in place into their months' partitions (about 5 s per million rows, docs/audit.md); the
-append-only triggers are created on the partitioned table, which gives every partition its own
-copy of them. The primary key becomes (operation_id, seq, recorded_at), because a partitioned
+rows in place into their months' partitions (8.9 s per million rows measured, docs/audit.md;
+``audit_log`` is locked meanwhile); the append-only triggers are created on the partitioned
+table, which gives every partition its own copy of them. The primary key becomes (operation_id, seq, recorded_at), because a partitioned
 table's keys must hold its partition key; one row per (operation_id, seq) is still what the
 triggers write, holding the operation's row lock, and what ``audit verify`` checks.
 
