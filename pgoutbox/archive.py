@@ -244,7 +244,7 @@ def check_export(
                 "operation_type": start["operation_type"] if start else row["operation_type"],
                 "created_by": start["created_by"] if start else row["actor"],
                 "created_at": start["created_at"] if start else row["recorded_at"],
-                "intent_hash": start["intent_hash"] if start else row["intent_hash"],
+                "intent_hash": start["intent_hash"] if start else row.get("intent_hash"),
             }
         if seq != chain["seq"] + 1:
             result.problems.append(

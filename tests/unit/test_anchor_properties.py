@@ -6,7 +6,10 @@ over the database's pages is fed the same rows directly).
   deleted with its operation, intent changed), with every hash and the head recomputed as a
   careful DBA would, is always found and named at its operation;
 - inclusion proofs from random positions check offline, and fail once a proven row is changed
-  (tests/integration/test_anchored_audit.py runs the checker with the database stack blocked).
+  (tests/integration/test_anchored_audit.py runs the checker with the database stack blocked);
+- an archive at any instant passes its export check, and what is left verifies from the archive
+  heads against the checkpoint taken with it; any single edit of an exported row is found by
+  the export check or that walk, before anything is dropped.
 """
 
 from __future__ import annotations
@@ -263,3 +266,123 @@ def test_keys_that_are_not_ed25519_keys_are_named() -> None:
         proof.load_public_key("not a key")
     with pytest.raises(proof.ProofError, match=r"not an Ed25519 public key.*public key"):
         proof.load_public_key(generate_key()[0])  # the private half
+
+
+# -- archives ------------------------------------------------------------------------------------
+
+
+def _archive(log: Log, cut: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split the log at ``cut`` as an archive of the months before it does: (exported rows,
+    rows left), both in (operation_id, seq) order."""
+    exported, left = [], []
+    for _, rows in sorted(log.rows.items()):
+        for row in rows:
+            (exported if row["recorded_at"] < cut else left).append(row)
+    return exported, left
+
+
+def _walk_from_archive(
+    log: Log, heads: list[dict[str, Any]], left: list[dict[str, Any]], checkpoint: Any
+) -> Walker:
+    """What verify does after the archive: each archived chain from its archive head (with the
+    operation row), then the rows left, merged in operation order."""
+    document, covered = checkpoint
+    stream = {(r["operation_id"], r["seq"]): r for r in log.stream()}
+    walker = Walker(heads=iter(covered), checkpoint=document)
+    starts = []
+    for head in heads:
+        op = head["operation_id"]
+        operation = {k: v for k, v in stream[(op, 1)].items() if k not in proof_fields}
+        starts.append(
+            {
+                **operation,
+                **head,
+                "published_by": head["created_by"],
+                "published_at": head["created_at"],
+                "created_by": operation.get("created_by"),
+                "created_at": operation.get("created_at"),
+            }
+        )
+    pending = iter(starts)
+    start = next(pending, None)
+    for row in left:
+        full = stream[(row["operation_id"], row["seq"])]
+        while start is not None and start["operation_id"] <= row["operation_id"]:
+            walker.start_from(start)
+            start = next(pending, None)
+        walker.feed(full)
+    while start is not None:
+        walker.start_from(start)
+        start = next(pending, None)
+    walker.finish()
+    return walker
+
+
+proof_fields = {
+    "seq", "operation_type", "from_state", "to_state", "trigger", "attempt", "actor", "detail",
+    "recorded_at", "prev_hash", "hash", "db_role", "intent_hash",
+}  # fmt: skip
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains, st.data())
+def test_an_archive_at_any_instant_checks_and_what_is_left_verifies_from_its_heads(
+    chain_choices: list[list[int]], data: st.DataObject
+) -> None:
+    from pgoutbox.archive import check_export
+
+    log = Log(chain_choices)
+    times = sorted(r["recorded_at"] for rows in log.rows.values() for r in rows)
+    cut = data.draw(st.sampled_from(times)) + timedelta(microseconds=1)
+    checkpoint = log.checkpoint({})  # taken with the archive: covers every row
+    exported, left = _archive(log, cut)
+
+    checked = check_export(iter(exported), iter([]), iter(checkpoint[1]))
+
+    assert checked.problems == []
+    assert checked.rows == len(exported)
+    assert [h["operation_id"] for h in checked.heads] == sorted(
+        {r["operation_id"] for r in exported}
+    )
+    walker = _walk_from_archive(log, checked.heads, left, checkpoint)
+    assert walker.problems == [], [str(p) for p in walker.problems]
+    assert walker.covered == len(checkpoint[1])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains, st.sampled_from(["detail", "actor", "drop", "swap", "backdate"]), st.data())
+def test_any_single_edit_of_an_exported_row_is_found_before_anything_is_dropped(
+    chain_choices: list[list[int]], edit: str, data: st.DataObject
+) -> None:
+    from pgoutbox.archive import check_export
+
+    log = Log(chain_choices)
+    times = sorted(r["recorded_at"] for rows in log.rows.values() for r in rows)
+    cut = data.draw(st.sampled_from(times)) + timedelta(microseconds=1)
+    checkpoint = log.checkpoint({})
+    exported, left = _archive(log, cut)
+    index = data.draw(st.integers(0, len(exported) - 1))
+    row = dict(exported[index])
+    if edit == "detail":
+        row["detail"] = (row["detail"] or "") + " (edited)"
+    elif edit == "actor":
+        row["actor"] += "-forged"
+    elif edit == "backdate":
+        row["recorded_at"] -= timedelta(days=1)
+    exported = [*exported[:index], row, *exported[index + 1 :]]
+    if edit == "drop":
+        del exported[index]
+    elif edit == "swap":
+        if index + 1 >= len(exported) or exported[index + 1]["operation_id"] != row["operation_id"]:
+            return
+        exported[index], exported[index + 1] = exported[index + 1], exported[index]
+
+    # An archive checks its export, then walks what is left from the heads it would record
+    # (a chain dropped whole from the export is only missed there).
+    checked = check_export(iter(exported), iter([]), iter(checkpoint[1]))
+    if checked.problems:
+        assert f"operation {row['operation_id']} " in checked.problems[0]
+        return
+    walker = _walk_from_archive(log, checked.heads, left, checkpoint)
+    assert walker.problems, f"{edit} of exported row {index} went unnoticed"
+    assert row["operation_id"] in {p.operation_id for p in walker.problems}
