@@ -181,10 +181,10 @@ def verify_against(
     """``audit verify --checkpoint FILE --public-key KEY`` (or ``--rules`` alone, without a
     checkpoint; ``--archive DIR`` also proves each archive's files and the database's record of
     it): exit 1 with one FAILED line per problem (operation, seq, rule), else one OK line."""
-    if public_key is None and (checkpoint_file is not None or archives):
-        raise click.UsageError("--checkpoint and --archive need --public-key KEY")
-    if checkpoint_file is None and public_key is not None and not archives:
-        raise click.UsageError("--public-key KEY goes with --checkpoint FILE or --archive DIR")
+    if public_key is None and archives:
+        raise click.UsageError("--archive DIR needs --public-key KEY (the archive's signer)")
+    if (checkpoint_file is None) != (public_key is None) and not archives:
+        raise click.UsageError("--checkpoint FILE and --public-key KEY go together")
     document: dict[str, Any] | None = None
     head_stream: Iterator[anchor.Head] | None = None
     manifests: list[dict[str, Any]] = []
