@@ -873,15 +873,21 @@ class Admin:
             )
             assert start is not None
             while True:
-                # Each batch is its own transaction (autocommit): a long purge never holds
-                # locks on more than one batch, and stopping it keeps what was done so far.
-                rows = await self._q["operations_purge_batch"].fetch(
-                    conn,
-                    states=states,
-                    finished_before=before,
-                    batch_size=batch_size,
-                    purge_id=start["id"],
-                )
+                # Each batch is its own transaction: a long purge never holds locks on more
+                # than one batch, and stopping it keeps what was done so far. The deletion
+                # trigger records each deleted operation's purge in its chain with this
+                # purge's id and actor.
+                async with conn.transaction():
+                    await self._q["purge_name_for_trigger"].execute(
+                        conn, purge_id=str(start["id"]), actor=actor
+                    )
+                    rows = await self._q["operations_purge_batch"].fetch(
+                        conn,
+                        states=states,
+                        finished_before=before,
+                        batch_size=batch_size,
+                        purge_id=start["id"],
+                    )
                 deleted = sum(row["operations"] for row in rows)
                 if deleted == 0:
                     break

@@ -51,8 +51,8 @@ MAX_PROBLEMS = 1000
 """A verification stops collecting problems after this many (it keeps counting rows)."""
 
 # Transitions that never change state and are allowed in any lifecycle: a late result refused by
-# fencing is recorded as ``reject``.
-_AUDIT_ONLY = frozenset({"reject"})
+# fencing is recorded as ``reject``, the deletion of a finished operation as ``purge`` (its last).
+_AUDIT_ONLY = frozenset({"reject", "purge"})
 
 
 class CheckpointError(ValueError):
@@ -397,11 +397,14 @@ class LifecycleRules:
 
 @dataclass(frozen=True)
 class Purge:
-    """A recorded retention purge (``purges``)."""
+    """A recorded retention purge (``purges``). From revision 0014 on (``chained``), each
+    operation a purge deletes gets a ``purge`` row in its own chain, and only that explains
+    its absence; an older purge explains operations finished before its cut-off."""
 
     finished_before: datetime
     include_dead: bool
     deleted: int
+    chained: bool = False
 
 
 @dataclass
@@ -538,6 +541,7 @@ class Walker:
         self._prev = {
             "seq": seq,
             "to_state": start["to_state"],
+            "trigger": start["trigger"],
             "recorded_at": start["recorded_at"],
         }
         op_id, head = start["operation_id"], self._head
@@ -649,9 +653,17 @@ class Walker:
                 "attempt",
                 f"attempt {row['attempt']} but {self._claims} claims so far",
             )
+        if prev.get("trigger") == "purge":
+            self.problem(
+                op_id, seq, "purge", f"recorded after the operation's purge (seq {prev['seq']})"
+            )
         if trigger in _AUDIT_ONLY:
             if from_state != to_state:
                 self.problem(op_id, seq, "edge", f"{trigger!r} cannot change the state")
+            elif trigger == "purge" and to_state not in FINISHED_STATES:
+                self.problem(
+                    op_id, seq, "purge", f"a purge of an unfinished operation ({to_state!r})"
+                )
             return
         lifecycle = self._lifecycle_of(row)
         edge = (from_state, trigger, to_state)
@@ -695,6 +707,13 @@ class Walker:
             elif head_seq < self._seq or bytes(head_hash) != self._hash:
                 self.problem(
                     op_id, self._seq, "chain", "chain does not end at the operation's recorded head"
+                )
+            elif self._prev is not None and self._prev.get("trigger") == "purge":
+                self.problem(
+                    op_id,
+                    self._seq,
+                    "purge",
+                    "the chain records the operation's purge, yet the operation row exists",
                 )
             elif self._prev is not None and first["current_state"] != self._prev["to_state"]:
                 self.problem(
@@ -748,6 +767,8 @@ class Walker:
             )
 
     def _check_purged(self, op_id: int, last: Mapping[str, Any]) -> None:
+        if last.get("trigger") == "purge":
+            return  # its deletion is recorded in its own chain (checked like any row)
         state = last["to_state"]
         if state not in FINISHED_STATES:
             self.problem(
@@ -759,7 +780,8 @@ class Walker:
             )
             return
         explained = any(
-            p.deleted > 0
+            not p.chained
+            and p.deleted > 0
             and p.finished_before > last["recorded_at"]
             and (state != "dead" or p.include_dead)
             for p in self._purges
@@ -769,8 +791,9 @@ class Walker:
                 op_id,
                 last["seq"],
                 "purge",
-                f"the operation is gone from operations, but no recorded purge deleted "
-                f"operations finished when it was ({_iso(last['recorded_at'])}, {state})",
+                f"the operation is gone from operations, but its chain does not record its "
+                f"purge, and no purge before revision 0014 deleted operations finished when it "
+                f"was ({_iso(last['recorded_at'])}, {state})",
             )
 
     def finish(self) -> None:
@@ -805,7 +828,7 @@ async def _rules_and_purges(
         versions, [dict(r) for r in await q["anchor_lifecycle_types"].fetch(conn)]
     )
     purges = [
-        Purge(r["finished_before"], r["include_dead"], r["deleted"])
+        Purge(r["finished_before"], r["include_dead"], r["deleted"], r["chained"])
         for r in await q["anchor_purges"].fetch(conn)
     ]
     return rules, purges, versions

@@ -49,7 +49,8 @@ live in the migrations. Usage::
 ``<schema>.workers`` -- running workers: ``id``, ``hostname``, ``pid``, ``channel``,
     ``operation_types``, ``started_at``, ``heartbeat_at``.
 
-``<schema>.purges`` -- one row per retention purge (``pgoutbox ops purge``): ``id``, ``actor``,
+``<schema>.purges`` -- one row per retention purge (``pgoutbox ops purge``; ``chained``: its
+    deletions are recorded in each operation's chain, from revision 0014): ``id``, ``actor``,
     ``finished_before``, ``include_dead``, ``batch_size``, ``deleted`` (operations deleted so
     far), ``started_at``, ``finished_at`` (NULL while running or if interrupted).
 
@@ -394,6 +395,14 @@ def build_metadata(schema: str = DEFAULT_SCHEMA) -> MetaData:
         Column("deleted", BigInteger, nullable=False, server_default=_ZERO),
         Column("started_at", _timestamptz(), nullable=False, server_default=_NOW),
         Column("finished_at", _timestamptz(), nullable=True),
+        Column(
+            "chained",
+            Boolean,
+            nullable=False,
+            server_default=text("true"),
+            comment="Whether each operation this purge deleted got a purge row in its audit "
+            "chain (from revision 0014).",
+        ),
         PrimaryKeyConstraint("id", name="purges_pkey"),
         CheckConstraint("batch_size >= 1", name="purges_batch_size_check"),
         comment="Retention purges of finished operations; their audit rows are kept.",

@@ -710,6 +710,11 @@ INSERT INTO {s}.purges (actor, finished_before, include_dead, batch_size)
 VALUES (:actor, :finished_before, :include_dead, :batch_size)
 RETURNING id, started_at;
 
+-- name: purge_name_for_trigger
+-- For this transaction: the purge deleting operations, and its actor, which the deletion
+-- trigger writes into each deleted operation's last audit row.
+SELECT set_config('pgoutbox.purge', :purge_id, true), set_config('pgoutbox.purge_actor', :actor, true);
+
 -- name: operations_purge_batch
 -- Delete one batch of finished operations and add its count to the purge's record, in one
 -- transaction. Their audit rows stay. MATERIALIZED: the LIMIT and the row locks apply once,
@@ -1158,7 +1163,8 @@ SELECT operation_type, lifecycle FROM {s}.lifecycle_types;
 
 -- name: anchor_purges
 -- Every recorded retention purge.
-SELECT id, finished_before, include_dead, deleted, started_at FROM {s}.purges ORDER BY id;
+SELECT id, finished_before, include_dead, deleted, started_at, chained FROM {s}.purges
+ORDER BY id;
 
 -- name: anchor_audit_page
 -- What verification against a checkpoint reads: audit_log_page's rows, seq 1 of each with the

@@ -569,14 +569,28 @@ async def test_purge_deletes_finished_operations_in_batches_and_records_itself(
         "deleted": 6,
         "started_at": result.started_at,
         "finished_at": result.finished_at,
+        "chained": True,
     }
-    # The audit log keeps every row, and its chains still verify.
-    assert await world.conn.fetchval(f"SELECT count(*) FROM {world.s}.audit_log") == audit_rows
+    # The audit log keeps every row, and each deleted operation's chain ends with its purge;
+    # the chains still verify.
+    assert await world.conn.fetchval(f"SELECT count(*) FROM {world.s}.audit_log") == (
+        audit_rows + 6
+    )
+    last_rows = await world.conn.fetch(
+        f"SELECT DISTINCT ON (operation_id) operation_id, trigger, from_state, to_state, actor, "
+        f"detail FROM {world.s}.audit_log WHERE operation_id = ANY($1::bigint[]) "
+        "ORDER BY operation_id, seq DESC",
+        [*succeeded, cancelled],
+    )
+    assert {(r["trigger"], r["actor"], r["detail"]) for r in last_rows} == {
+        ("purge", "retention", f"purge {result.purge_id}")
+    }
+    assert all(r["from_state"] == r["to_state"] for r in last_rows)
     assert (await admin.verify()).ok
     purged = await admin.get_operation(succeeded[0])
     assert purged.operation is None
     assert purged.payload is None
-    assert [r.trigger for r in purged.audit] == ["publish", "claim", "succeed"]
+    assert [r.trigger for r in purged.audit] == ["publish", "claim", "succeed", "purge"]
 
     with_dead = await admin.purge(cutoff, actor="retention", include_dead=True)
     assert (with_dead.deleted, with_dead.counts) == (1, {"dead": 1})

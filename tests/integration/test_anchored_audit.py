@@ -275,7 +275,8 @@ async def test_a_checkpoint_altered_after_signing_or_signed_by_another_key_is_re
     other = Signer(tmp_path)
     with pytest.raises(anchor.CheckpointError, match="signed by key"):
         anchor.read_checkpoint(path, other.public)
-    path.write_text(path.read_text().replace(str(document["size"]), str(document["size"] - 1), 1))
+    # The size edited in the JSON (the first matching digits may be the key id's).
+    path.write_text(json.dumps({**json.loads(path.read_text()), "size": document["size"] - 1}))
     with pytest.raises(anchor.CheckpointError, match="altered after signing"):
         anchor.read_checkpoint(path, signer.public)
 
@@ -465,3 +466,38 @@ async def test_a_worker_purges_on_its_retention_and_the_purge_explains_the_gone(
     assert sum(p["deleted"] for p in purges) == len(finished)
     result = await Signer(tmp_path).verify(conn, s, None)  # the rules: every gone one explained
     assert result.ok, result.failures()
+
+
+async def test_a_deletion_is_the_last_row_of_its_chain_and_a_forged_purge_explains_nothing(
+    db_settings: DatabaseSettings, conn: asyncpg.Connection
+) -> None:
+    s = db_settings.schema_name
+    ids = await shop(conn, s)
+    # A DELETE outside any purge (the owner here; an operator's role would do the same): its
+    # chain records it, with the role.
+    await conn.execute(f'DELETE FROM "{s}".operations WHERE id = $1', ids["succeeded"])
+    last = (await chain(conn, s, ids["succeeded"]))[-1]
+    assert (last["seq"], last["trigger"], last["from_state"], last["to_state"]) == (
+        4,
+        "purge",
+        "succeeded",
+        "succeeded",
+    )
+    assert last["detail"] == "deleted outside a purge"
+    assert last["actor"] == last["db_role"] == await conn.fetchval("SELECT current_user")
+    signer = Signer(Path("."))
+    assert (await signer.verify(conn, s, None)).ok
+
+    # Deleted behind the triggers' back, with a purge forged to explain it: the purge is not
+    # in the chain, and a purge made since revision 0014 explains nothing else.
+    async with triggers_off(conn, s, "operations", "audit_log"):
+        await conn.execute(f'DELETE FROM "{s}".operations WHERE id = $1', ids["dead"])
+    await conn.execute(
+        f'INSERT INTO "{s}".purges (actor, finished_before, include_dead, batch_size, deleted) '
+        "VALUES ('forger', now() + interval '1 day', true, 10, 1)"
+    )
+    result = await signer.verify(conn, s, None)
+    assert named(result) == {(ids["dead"], 3, "purge")}, result.failures()
+    # An older purge (not chained: before revision 0014) still explains it.
+    await conn.execute(f'UPDATE "{s}".purges SET chained = false')
+    assert (await signer.verify(conn, s, None)).ok

@@ -295,7 +295,7 @@ async def test_host_alembic_upgrade_heads_creates_host_and_pgoutbox_tables_from_
             "WHERE n.nspname = $1 AND NOT t.tgisinternal AND NOT c.relispartition",
             schema,
         )
-        assert n_triggers == 20  # the set listed in test_migrations.PGOUTBOX_TRIGGERS
+        assert n_triggers == 21  # the set listed in test_migrations.PGOUTBOX_TRIGGERS
         versions_rows = await conn.fetch("SELECT version_num FROM public.alembic_version")
         assert sorted(r["version_num"] for r in versions_rows) == sorted(
             [migrations.head_revision(), "host_0001"]

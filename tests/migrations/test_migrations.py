@@ -65,6 +65,7 @@ PGOUTBOX_TRIGGERS = {
     ("operations", "b_operations_after_update"),
     ("operations", "c_operations_before_delete"),
     ("operations", "c_operations_no_truncate"),
+    ("operations", "c_operations_after_delete"),
     ("audit_log", "audit_log_append_only"),
     ("audit_log", "audit_log_no_truncate"),
     ("flow_overrides", "flow_overrides_history"),

@@ -29,14 +29,24 @@ triggers write, holding the operation's row lock, and what ``audit verify`` chec
   recorded (type, creator, time, intent hash): the point from which ``audit verify`` checks
   the rows still in the table. Both are append-only, also for their owner's ordinary writes.
 
+- **A deletion is recorded in the operation's own chain.** Deleting an operation (a purge, or
+  any DELETE a role may make) appends a last audit row to its chain: trigger ``purge``, from
+  and to its finished state, the actor and purge id the purge set (``pgoutbox.purge_actor``,
+  ``pgoutbox.purge``) or the role, ``db_role`` the deleting role; hashed like every row, so
+  checkpoints cover it. ``purges.chained`` says which purges were made so (true from this
+  revision on): an operation gone without such a row is explained only by an older purge.
+
 This file is history: it states the schema change as it was made and is never edited afterwards.
 """
 
 from __future__ import annotations
 
+import runpy
+from pathlib import Path
+
 from alembic import op
 
-from pgoutbox.migrations import execute_script, schema_for_migration
+from pgoutbox.migrations import execute_script, schema_for_migration, split_statements
 
 revision = "0014_partitioned_audit"
 down_revision = "0013_anchored_audit"
@@ -68,6 +78,87 @@ CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON {s}.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
 ALTER TABLE {s}.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
 ALTER TABLE {s}.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+"""
+
+_0001 = runpy.run_path(str(Path(__file__).with_name("0001_initial.py")))
+
+
+def _purge_hash() -> str:
+    """The hash of a deletion's audit row (``p``: the deleted row), db_role appended as 0010
+    appends it."""
+    expression: str = _0001["hash_expression"](
+        "p.audit_hash",
+        "p.id::text",
+        "(p.audit_seq + 1)::text",
+        "p.operation_type",
+        "p.state",
+        "p.state",
+        "'purge'",
+        "p.attempts::text",
+        "purge_actor",
+        "purge_detail",
+        recorded_at="purged_at",
+    )
+    return expression.replace(
+        ", 'UTF8'))",
+        "\n            || coalesce(length(deleter) || ':' || deleter || '|', '~|'), 'UTF8'))",
+    )
+
+
+_BEFORE_DELETE_OF_0001 = next(
+    statement.replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+    for statement in split_statements(_0001["UPGRADE"])
+    if "FUNCTION {s}.operations_before_delete()" in statement
+)
+
+_DELETIONS = """
+-- The deleting role, for the statement trigger below (which runs with the owner's rights).
+CREATE OR REPLACE FUNCTION {s}.operations_before_delete() RETURNS trigger LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF OLD.state NOT IN ('succeeded', 'cancelled', 'dead') THEN
+        RAISE EXCEPTION 'pgoutbox: operation % is %, not finished; only finished operations can be deleted',
+            OLD.id, OLD.state USING ERRCODE = 'check_violation';
+    END IF;
+    PERFORM pg_catalog.set_config('pgoutbox.deleting_role', current_user::text, true);
+    RETURN OLD;
+END $$;
+
+CREATE FUNCTION {s}.operations_after_delete() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    purged_at timestamptz := clock_timestamp();
+    deleter text := current_setting('pgoutbox.deleting_role', true);
+    purge_id text := nullif(current_setting('pgoutbox.purge', true), '');
+    purge_actor text := coalesce(nullif(current_setting('pgoutbox.purge_actor', true), ''),
+                                 deleter);
+    purge_detail text := CASE WHEN purge_id IS NULL THEN 'deleted outside a purge'
+                              ELSE 'purge ' || purge_id END;
+BEGIN
+    INSERT INTO {s}.audit_log (operation_id, seq, operation_type, from_state, to_state, trigger,
+                               attempt, actor, detail, recorded_at, prev_hash, hash, db_role)
+    SELECT p.id, p.audit_seq + 1, p.operation_type, p.state, p.state, 'purge', p.attempts,
+           purge_actor, purge_detail, purged_at, p.audit_hash, {purge_hash}, deleter
+    FROM purged p;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER c_operations_after_delete AFTER DELETE ON {s}.operations
+    REFERENCING OLD TABLE AS purged
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.operations_after_delete();
+ALTER TABLE {s}.operations ENABLE ALWAYS TRIGGER c_operations_after_delete;
+
+ALTER TABLE {s}.purges ADD COLUMN chained boolean NOT NULL DEFAULT false;
+ALTER TABLE {s}.purges ALTER COLUMN chained SET DEFAULT true;
+COMMENT ON COLUMN {s}.purges.chained IS
+    'Whether each operation this purge deleted got a purge row in its audit chain (from revision 0014).';
+"""
+
+_DELETIONS_DOWN = """
+DROP TRIGGER c_operations_after_delete ON {s}.operations;
+DROP FUNCTION {s}.operations_after_delete();
+{before_delete_of_0001};
+ALTER FUNCTION {s}.operations_before_delete() SET search_path = pg_catalog, pg_temp;
+ALTER TABLE {s}.purges DROP COLUMN chained;
 """
 
 # What the append-only triggers say: a partition's copy names the partitioned table, not the
@@ -208,10 +299,12 @@ ALTER TABLE {s}.audit_archives ENABLE ALWAYS TRIGGER audit_archives_no_truncate;
 ALTER TABLE {s}.audit_archive_heads ENABLE ALWAYS TRIGGER audit_archive_heads_append_only;
 ALTER TABLE {s}.audit_archive_heads ENABLE ALWAYS TRIGGER audit_archive_heads_no_truncate;
 """
+    + _DELETIONS
 )
 
 DOWNGRADE = (
     _REFUSE_CHANGE_OF_0001
+    + _DELETIONS_DOWN
     + """
 DO $$
 BEGIN
@@ -245,12 +338,13 @@ DROP TABLE {s}.audit_log_partitioned;
 
 def upgrade() -> None:
     s = schema_for_migration()
-    execute_script(UPGRADE.replace("{s}", s))
+    execute_script(UPGRADE.replace("{purge_hash}", _purge_hash()).replace("{s}", s))
     # Every revision keeps the in-schema marker that workers and `pgoutbox db check` read.
     op.execute(f"UPDATE {s}.schema_revision SET revision = '{revision}'")
 
 
 def downgrade() -> None:
     s = schema_for_migration()
-    execute_script(DOWNGRADE.replace("{s}", s))
+    script = DOWNGRADE.replace("{before_delete_of_0001}", _BEFORE_DELETE_OF_0001)
+    execute_script(script.replace("{s}", s))
     op.execute(f"UPDATE {s}.schema_revision SET revision = '{down_revision}'")
