@@ -386,3 +386,30 @@ def test_any_single_edit_of_an_exported_row_is_found_before_anything_is_dropped(
     walker = _walk_from_archive(log, checked.heads, left, checkpoint)
     assert walker.problems, f"{edit} of exported row {index} went unnoticed"
     assert row["operation_id"] in {p.operation_id for p in walker.problems}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains, st.data())
+def test_two_archives_in_turn_check_and_what_is_left_verifies_from_the_newest_heads(
+    chain_choices: list[list[int]], data: st.DataObject
+) -> None:
+    from pgoutbox.archive import check_export
+
+    log = Log(chain_choices)
+    times = sorted(r["recorded_at"] for rows in log.rows.values() for r in rows)
+    first, second = sorted(data.draw(st.lists(st.sampled_from(times), min_size=2, max_size=2)))
+    first += timedelta(microseconds=1)
+    second += timedelta(microseconds=2)
+    checkpoint = log.checkpoint({})
+    older, _ = _archive(log, first)
+    upto_second, left = _archive(log, second)
+    newer = [r for r in upto_second if r["recorded_at"] >= first]
+
+    one = check_export(iter(older), iter([]), iter(checkpoint[1]))
+    two = check_export(iter(newer), iter(one.heads), iter(checkpoint[1]))
+
+    assert one.problems == two.problems == []
+    newest = {h["operation_id"]: h for h in one.heads} | {h["operation_id"]: h for h in two.heads}
+    heads = [newest[op] for op in sorted(newest)]
+    walker = _walk_from_archive(log, heads, left, checkpoint)
+    assert walker.problems == [], [str(p) for p in walker.problems]
