@@ -1,11 +1,19 @@
 """What flow control costs, and whether a rate limit delivers its rate.
 
     python benchmarks/bench_flow.py unlimited --baseline DIR [--n 20000] [--rounds 5]
+    python benchmarks/bench_flow.py instructions --baseline DIR [--n 20000]
     python benchmarks/bench_flow.py limited [--n 20000] [--rate 1000] [--workers 2]
 
 unlimited: the drain of bench_drain.py (no limit declared) by this checkout and by another one
 (DIR, e.g. ``git worktree add /tmp/base <commit before flow control>``), alternated round by
 round, each in a fresh process and schema; prints both medians and their ratio.
+
+instructions: the same drain's worker cost counted, not timed, for a machine too noisy for
+ops/s ratios to show a few per cent: each checkout drains 1,000 and then 3,000 operations under
+valgrind's callgrind (``apt install valgrind``), counting only the drain (start-up included);
+the difference gives the instructions per operation, the rest the fixed cost, and the two give
+the cost of an N-operation drain. Only the worker is counted: the database's statements per
+operation are the same (docs/benchmarks.md).
 
 limited: N no-op operations of a type limited to RATE starts per second (default burst), drained
 by WORKERS worker processes; the achieved rate is measured on the database's clock from the
@@ -20,6 +28,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +77,59 @@ def unlimited(baseline: Path, n: int, rounds: int) -> None:
             f"ratio {this / base:.3f};   worker CPU {base_cpu:.0f} / {this_cpu:.0f} us per op, "
             f"ratio {this_cpu / base_cpu:.3f}"
         )
+
+
+def instructions_of(checkout: Path, n: int) -> int:
+    """Instructions the worker executes for one drain of ``n`` operations by ``checkout``'s
+    code (callgrind, counting only the drain)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = Path(scratch) / "callgrind.out"
+        subprocess.run(
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+             sys.executable, __file__, "_counted", str(checkout), str(n)],
+            cwd=checkout / "benchmarks", env={**os.environ, "PYTHONPATH": str(checkout)},
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        totals = re.search(r"^totals: (\d+)", out.read_text(), re.M)
+        assert totals is not None, "callgrind wrote no totals"
+        return int(totals.group(1))
+
+
+async def counted(checkout: Path, n: int) -> None:
+    """A drain of ``n`` operations (bench_drain's defaults) with callgrind counting only it."""
+    sys.path.insert(0, str(checkout / "benchmarks"))
+    import bench_drain
+
+    def count(on: bool) -> None:
+        subprocess.run(
+            ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())],
+            check=True, capture_output=True,
+        )  # fmt: skip
+
+    async with bench_database() as db:
+        await bench_drain.publish(db, 200, "warm")  # imports and first-drain effects
+        await bench_drain.drain(db, 200, {}, "warm")
+        await bench_drain.publish(db, n, "counted")
+        count(True)
+        await bench_drain.drain(db, n, {}, "counted")
+        count(False)
+
+
+def instructions(baseline: Path, n: int) -> None:
+    small, large = 1000, 3000
+    cost = {}
+    for label, checkout in (("baseline", baseline), ("this checkout", CHECKOUT)):
+        a, b = instructions_of(checkout, small), instructions_of(checkout, large)
+        per_op = (b - a) / (large - small)
+        cost[label] = (per_op, a - per_op * small)
+    (base_op, base_fixed), (this_op, this_fixed) = cost["baseline"], cost["this checkout"]
+    print("worker instructions of a drain (callgrind; defaults), baseline / this checkout")
+    print(
+        f"  per operation   {base_op:>12,.0f} / {this_op:>12,.0f}   ratio {this_op / base_op:.3f}"
+    )
+    print(f"  fixed (start)   {base_fixed:>12,.0f} / {this_fixed:>12,.0f}")
+    total_base, total_this = base_fixed + n * base_op, this_fixed + n * this_op
+    print(f"  drain of {n:,}: ratio {total_this / total_base:.3f}")
 
 
 async def worker(dsn: str, schema: str, rate: str, seconds: float) -> None:
@@ -132,18 +194,24 @@ def main() -> None:
         dsn, schema, rate, seconds = sys.argv[2:6]
         asyncio.run(worker(dsn, schema, rate, float(seconds)))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_counted":
+        asyncio.run(counted(Path(sys.argv[2]), int(sys.argv[3])))
+        return
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("mode", choices=["unlimited", "limited"])
-    parser.add_argument("--baseline", type=Path, help="unlimited: the checkout to compare with")
+    parser.add_argument("mode", choices=["unlimited", "instructions", "limited"])
+    parser.add_argument("--baseline", type=Path, help="the checkout to compare with")
     parser.add_argument("--n", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    if args.mode == "unlimited":
+    if args.mode in ("unlimited", "instructions"):
         if args.baseline is None:
-            parser.error("unlimited needs --baseline DIR (a checkout of the commit to compare)")
-        unlimited(args.baseline.resolve(), args.n, args.rounds)
+            parser.error(f"{args.mode} needs --baseline DIR (a checkout of the commit to compare)")
+        if args.mode == "unlimited":
+            unlimited(args.baseline.resolve(), args.n, args.rounds)
+        else:
+            instructions(args.baseline.resolve(), args.n)
     else:
         asyncio.run(limited(args.n, args.rate, args.workers))
 

@@ -514,7 +514,17 @@ async def test_ops_purge_yes_deletes_finished_operations_keeps_their_audit_and_r
     purge = await world.conn.fetchrow(f"SELECT * FROM {world.s}.purges")
     assert (purge["actor"], purge["deleted"], purge["include_dead"]) == ("ret", 2, False)
     assert purge["finished_at"] is not None
-    assert await world.conn.fetchval(f"SELECT count(*) FROM {world.s}.audit_log") == audit_rows
+    # Every row stays, and each deleted operation's chain ends with its purge.
+    assert await world.conn.fetchval(f"SELECT count(*) FROM {world.s}.audit_log") == (
+        audit_rows + 2
+    )
+    purged = await world.conn.fetch(
+        f"SELECT actor, detail FROM {world.s}.audit_log WHERE trigger = 'purge' "
+        "AND operation_id = ANY($1::bigint[])",
+        [ids["succeeded"], ids["cancelled"]],
+    )
+    assert [tuple(r) for r in purged] == [("ret", "purge 1")] * 2
+    audit_rows += 2
 
     verify = await cli("audit", "verify")
     assert (verify.returncode, verify.stdout) == (

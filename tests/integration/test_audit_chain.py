@@ -530,5 +530,12 @@ async def test_finished_operation_can_be_deleted_and_its_chain_still_verifies(
 
     await conn.execute(f'DELETE FROM "{s}".operations WHERE id = $1', op_id)
 
-    assert [r["to_state"] for r in await _audit(conn, s, op_id)] == ["pending", "cancelled"]
+    # The deletion is the chain's last row (revision 0014): no state change, by the role.
+    rows = await _audit(conn, s, op_id)
+    assert [(r["trigger"], r["to_state"]) for r in rows] == [
+        ("publish", "pending"),
+        ("cancel", "cancelled"),
+        ("purge", "cancelled"),
+    ]
+    assert rows[-1]["detail"] == "deleted outside a purge"
     assert (await verify_chains(conn, s)).ok

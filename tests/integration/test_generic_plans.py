@@ -134,7 +134,12 @@ async def test_generic_plan_finds_rows_by_index(
         finally:
             await conn.execute("DEALLOCATE stmt")
     if name not in WHOLE_BACKLOG:
-        for table in ("operations", "audit_log"):
-            assert f"Seq Scan on {table}" not in plan, plan
+        assert "Seq Scan on operations" not in plan, plan
+        # audit_log's partitions of the months ahead are empty, and reading nothing by
+        # sequence is what the planner should do there; a month holding rows is read by index.
+        for partition in re.findall(r"Seq Scan on (audit_log\w*)", plan):
+            assert partition != "audit_log", plan
+            rows = await conn.fetchval(f'SELECT count(*) FROM "{schema}".{partition}')
+            assert rows == 0, plan
     if name in BY_ID:
         assert "Index Scan using operations_pkey on operations" in plan, plan
