@@ -1216,9 +1216,9 @@ SELECT id, before, partitions, rows, operations FROM {s}.audit_archives
 ORDER BY id DESC LIMIT 1;
 
 -- name: archive_partitions
--- audit_log's partitions, with their bounds as text (UTC) and how many rows each holds is not
--- counted here (that reads them all).
-SELECT c.relname AS name, pg_get_expr(c.relpartbound, c.oid) AS bound
+-- audit_log's partitions by name (a month's is audit_log_yYYYYmMM, made by
+-- audit_log_add_partition with that month's bounds).
+SELECT c.relname AS name
 FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = CAST('{s}.audit_log' AS regclass)
 ORDER BY c.relname;
