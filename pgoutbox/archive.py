@@ -308,7 +308,9 @@ async def archive(
     say = progress or (lambda _: None)
     if before != parse_month(f"{before.astimezone(UTC):%Y-%m}"):
         raise ArchiveError(f"{before.isoformat()} is not the first instant of a month in UTC")
-    now: datetime = await conn.fetchval("SELECT now()")
+    checks = await q["archive_preconditions"].fetchrow(conn, before=before)
+    assert checks is not None
+    now: datetime = checks["now"]
     if before > now:
         raise ArchiveError(
             f"rows are still being recorded before {before:%Y-%m-%d}: give a month up to "
@@ -320,20 +322,13 @@ async def archive(
             f"archive {latest['id']} already took every row recorded before "
             f"{latest['before']:%Y-%m-%d}: give a later month"
         )
-    owner = await conn.fetchval(
-        "SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c "
-        "WHERE c.oid = CAST($1 AS regclass)",
-        f"{s}.audit_log",
-    )
-    if not owner:
+    if not checks["owner"]:
         raise ArchiveError(
             "an archive drops partitions of audit_log: run it as the schema's owner (the role "
             "that ran the migrations)"
         )
     partitions = await _partitions_before(conn, schema, before)
-    stray = await conn.fetchval(
-        f"SELECT count(*) FROM {s}.audit_log_default WHERE recorded_at < $1", before
-    )
+    stray = checks["stray"]
     if stray:
         raise ArchiveError(
             f"audit_log_default holds {stray} rows recorded before {before:%Y-%m-%d}, in "
@@ -358,14 +353,14 @@ async def archive(
     files: dict[str, dict[str, Any]] = {}
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         await conn.execute("SET LOCAL TimeZone = 'UTC'")
+        export = q["archive_export"]
         for name in partitions:
             path = directory / f"{name}.csv"
+            month = _month_of(name)
+            assert month is not None  # _partitions_before keeps months only
             await conn.copy_from_query(
-                f"SELECT operation_id, seq, operation_type, from_state, to_state, trigger, "
-                f"attempt, actor, detail, recorded_at, "
-                f"(extract(epoch FROM recorded_at) * 1000000)::bigint AS recorded_at_us, "
-                f"prev_hash, hash, db_role, intent_hash "
-                f"FROM {s}.{name} ORDER BY operation_id, seq",
+                export.asyncpg_sql,
+                *export.args(month_start=month, month_end=_next_month(month)),
                 output=str(path),
                 format="csv",
                 header=True,
@@ -539,11 +534,7 @@ async def verify_archive_heads(
 ) -> list[str]:
     """Problems with the database's record of a (signed, checked) archive: its heads, where
     verification of the rows left starts, must be the ones the archive exported."""
-    rows = await conn.fetch(
-        f"SELECT {', '.join(HEAD_COLUMNS)} FROM {quote_schema(schema)}.audit_archive_heads "
-        "WHERE archive_id = $1 ORDER BY operation_id",
-        manifest["archive_id"],
-    )
+    rows = await queries(schema)["archive_heads_of"].fetch(conn, archive_id=manifest["archive_id"])
     if (
         len(rows) != manifest["operations"]
         or heads_digest(iter(dict(r) for r in rows)) != manifest["heads_digest"]

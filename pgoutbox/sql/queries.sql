@@ -1223,6 +1223,34 @@ FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = CAST('{s}.audit_log' AS regclass)
 ORDER BY c.relname;
 
+-- name: archive_preconditions
+-- Before an archive: the database's time, whether this role owns audit_log (an archive drops
+-- partitions of it), and how many rows before the cut-off sit in the default partition (months
+-- without a partition of their own, which an archive cannot take).
+SELECT now() AS now,
+       pg_has_role(current_user, (SELECT relowner FROM pg_class
+                                  WHERE oid = CAST('{s}.audit_log' AS regclass)), 'USAGE') AS owner,
+       (SELECT count(*) FROM {s}.audit_log_default WHERE recorded_at < :before) AS stray;
+
+-- name: archive_export
+-- The rows of one archived month, as its CSV file holds them (recorded_at_us is what the hash
+-- covers); the bounds select that month's partition alone.
+SELECT operation_id, seq, operation_type, from_state, to_state, trigger, attempt, actor, detail,
+       recorded_at, CAST(extract(epoch FROM recorded_at) * 1000000 AS bigint) AS recorded_at_us,
+       prev_hash, hash, db_role, intent_hash
+FROM {s}.audit_log
+WHERE recorded_at >= :month_start AND recorded_at < :month_end
+ORDER BY operation_id, seq;
+
+-- name: archive_heads_of
+-- One archive's heads as the database holds them, in operation order (checked against the
+-- archive's signed manifest).
+SELECT operation_id, seq, hash, to_state, trigger, attempt, recorded_at, operation_type,
+       created_by, created_at, intent_hash
+FROM {s}.audit_archive_heads
+WHERE archive_id = :archive_id
+ORDER BY operation_id;
+
 -- name: archive_record
 -- Record an archive (the heads follow by COPY).
 INSERT INTO {s}.audit_archives (before, partitions, rows, operations, checkpoint)
