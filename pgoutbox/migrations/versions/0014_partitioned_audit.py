@@ -71,14 +71,18 @@ BEGIN
 END $$;
 """
 
-_APPEND_ONLY = """
-CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON {s}.audit_log
-    FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change();
-CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON {s}.audit_log
-    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
-ALTER TABLE {s}.audit_log ENABLE ALWAYS TRIGGER audit_log_append_only;
-ALTER TABLE {s}.audit_log ENABLE ALWAYS TRIGGER audit_log_no_truncate;
+
+def _append_only(table: str) -> str:
+    """``table``'s two append-only triggers (0001's for audit_log), ENABLE ALWAYS."""
+    return f"""
+CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {{s}}.{table}
+    FOR EACH ROW EXECUTE FUNCTION {{s}}.refuse_change();
+CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {{s}}.{table}
+    FOR EACH STATEMENT EXECUTE FUNCTION {{s}}.refuse_change();
+ALTER TABLE {{s}}.{table} ENABLE ALWAYS TRIGGER {table}_append_only;
+ALTER TABLE {{s}}.{table} ENABLE ALWAYS TRIGGER {table}_no_truncate;
 """
+
 
 _0001 = runpy.run_path(str(Path(__file__).with_name("0001_initial.py")))
 
@@ -253,7 +257,7 @@ INSERT INTO {s}.audit_log SELECT * FROM {s}.audit_log_unpartitioned;
     + """
 DROP TABLE {s}.audit_log_unpartitioned;
 """
-    + _APPEND_ONLY
+    + _append_only("audit_log")
     + """
 CREATE TABLE {s}.audit_archives (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -285,20 +289,9 @@ CREATE TABLE {s}.audit_archive_heads (
 );
 COMMENT ON TABLE {s}.audit_archive_heads IS
     'Per archived operation: its last archived audit row, and what its publication recorded; where verification of the rows left starts.';
-
-CREATE TRIGGER audit_archives_append_only BEFORE UPDATE OR DELETE ON {s}.audit_archives
-    FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change();
-CREATE TRIGGER audit_archives_no_truncate BEFORE TRUNCATE ON {s}.audit_archives
-    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
-CREATE TRIGGER audit_archive_heads_append_only BEFORE UPDATE OR DELETE ON {s}.audit_archive_heads
-    FOR EACH ROW EXECUTE FUNCTION {s}.refuse_change();
-CREATE TRIGGER audit_archive_heads_no_truncate BEFORE TRUNCATE ON {s}.audit_archive_heads
-    FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_change();
-ALTER TABLE {s}.audit_archives ENABLE ALWAYS TRIGGER audit_archives_append_only;
-ALTER TABLE {s}.audit_archives ENABLE ALWAYS TRIGGER audit_archives_no_truncate;
-ALTER TABLE {s}.audit_archive_heads ENABLE ALWAYS TRIGGER audit_archive_heads_append_only;
-ALTER TABLE {s}.audit_archive_heads ENABLE ALWAYS TRIGGER audit_archive_heads_no_truncate;
 """
+    + _append_only("audit_archives")
+    + _append_only("audit_archive_heads")
     + _DELETIONS
 )
 
@@ -332,7 +325,7 @@ INSERT INTO {s}.audit_log SELECT * FROM {s}.audit_log_partitioned;
     + """
 DROP TABLE {s}.audit_log_partitioned;
 """
-    + _APPEND_ONLY
+    + _append_only("audit_log")
 )
 
 
